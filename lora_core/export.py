@@ -1,0 +1,331 @@
+"""Adapter files: the kohya/sd-scripts `.safetensors` format, read and written.
+
+Written: per module `NAME.lora_down.weight`, `NAME.lora_up.weight`, `NAME.alpha` (0-d) and nothing else,
+with kohya's `ss_*` metadata, `sshs_model_hash` and `modelspec.*`. Read: kohya files, diffusers/PEFT
+(`lora_A`/`lora_B`) files and the older diffusers layouts, all normalised to kohya names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from .errors import AdapterError
+from .inject import _set_module, text_prefixes, unet_kohya_name
+from .lora import LoRAModule, wrap
+from .models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
+_VERSION_FAMILY = {"sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2", "sdxl_base_v1-0": "sdxl"}
+_ARCH = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
+         "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
+
+
+@dataclass
+class LayerWeights:
+    down: torch.Tensor  # [r, in] or [r, in, kh, kw]
+    up: torch.Tensor  # [out, r] or [out, r, 1, 1]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+@dataclass
+class Adapter:
+    """An adapter file's content with kohya layer names."""
+
+    path: str
+    format: str  # "kohya" | "peft" | "diffusers-old"
+    layers: dict[str, LayerWeights]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str | None:
+        """From the metadata, else from the key names (SDXL only), else unknown."""
+        version = self.metadata.get("ss_base_model_version", "")
+        if version in _VERSION_FAMILY:
+            return _VERSION_FAMILY[version]
+        if version.startswith("sdxl"):
+            return "sdxl"
+        if any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks",
+                             "lora_unet_middle_block")) for n in self.layers):
+            return "sdxl"
+        return None
+
+    @property
+    def rank(self) -> int:
+        return Counter(w.rank for w in self.layers.values()).most_common(1)[0][0]
+
+    @property
+    def alpha(self) -> float:
+        return Counter(w.alpha for w in self.layers.values()).most_common(1)[0][0]
+
+
+# ----------------------------------------------------------------------------- writing
+
+def tensor_data_hash(blob: bytes) -> str:
+    """SHA-256 of a safetensors file's tensor data: the bytes after the 8-byte length and the header."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    return hashlib.sha256(blob[8 + n:]).hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, blob: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename over it: never a half-written final file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Save atomically with `sshs_model_hash` and `modelspec.hash_sha256` filled in; returns the hash."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    digest = tensor_data_hash(st_save(tensors, metadata={k: v for k, v in metadata.items() if v is not None}))
+    metadata = dict(metadata, sshs_model_hash=digest)
+    if any(k.startswith("modelspec.") for k in metadata):
+        metadata["modelspec.hash_sha256"] = "0x" + digest
+    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    return digest
+
+
+def adapter_tensors(layers: dict[str, LayerWeights], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Kohya tensors: down, up in `dtype`; alpha as a 0-d fp32 tensor."""
+    out = {}
+    for name, w in layers.items():
+        out[f"{name}.lora_down.weight"] = w.down.to(dtype)
+        out[f"{name}.lora_up.weight"] = w.up.to(dtype)
+        out[f"{name}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
+    return out
+
+
+def layers_of(modules: dict[str, LoRAModule]) -> dict[str, LayerWeights]:
+    return {n: LayerWeights(m.lora_down.weight.detach().float().cpu(), m.lora_up.weight.detach().float().cpu(),
+                            m.alpha) for n, m in modules.items()}
+
+
+def build_metadata(model: LoadedModel, *, rank: int, alpha: float, output_name: str = "lora",
+                   network_args: dict | None = None, resolution: int | None = None,
+                   trigger_phrase: str = "", extra: dict[str, str] | None = None) -> dict[str, str]:
+    """kohya's minimum ss_* keys, the modelspec keys, plus any training fields in `extra`."""
+    version = model.base_model_version
+    res = resolution or model.resolution
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps({k: str(v) for k, v in (network_args or {}).items()}),
+        "ss_base_model_version": version,
+        "ss_v2": str(model.family == "sd2"),
+        "ss_output_name": output_name,
+        "ss_resolution": f"({res}, {res})",
+        "ss_sd_model_name": model.name,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": _ARCH[version] + "/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if model.family == "sdxl" else "diffusers",
+        "modelspec.title": output_name,
+        "modelspec.date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.prediction_type": "v" if model.prediction_type == "v_prediction" else "epsilon",
+    }
+    if trigger_phrase:
+        meta["modelspec.trigger_phrase"] = trigger_phrase
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def save_adapter(path: str | Path, modules: dict[str, LoRAModule] | dict[str, LayerWeights],
+                 metadata: dict[str, str], dtype: torch.dtype = torch.float16) -> str:
+    """Write an adapter file in the kohya format; returns its sshs_model_hash."""
+    first = next(iter(modules.values()), None)
+    layers = layers_of(modules) if isinstance(first, LoRAModule) else modules  # type: ignore[arg-type]
+    return write_safetensors(path, adapter_tensors(layers, dtype), metadata)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- reading
+
+_OLD_LAYOUT = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata, with a clear error for a missing, truncated or foreign file."""
+    p = Path(path)
+    if not p.is_file():
+        raise AdapterError(f"Adapter file '{p}' does not exist. Check the path, or pick the file again.")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise AdapterError(
+            f"'{p.name}' is not a readable .safetensors file ({e}). It may be truncated or not a LoRA at "
+            "all; download it again or choose another file.") from None
+
+
+def _peft_to_kohya(key: str, model: LoadedModel | None, family: str) -> str:
+    """'unet.<path>' / 'text_encoder[_2].<path>' (PEFT/diffusers) -> kohya layer name."""
+    key = key.removeprefix("base_model.model.")
+    root, _, path = key.partition(".")
+    if root == "unet":
+        unet = model.unet if model else _default_unet_config(family)
+        return unet_kohya_name(path, unet, family)
+    if root in ("text_encoder", "text_encoder_2"):
+        prefixes = text_prefixes("sdxl" if root == "text_encoder_2" or family == "sdxl" else family)
+        prefix = prefixes[1] if root == "text_encoder_2" else prefixes[0]
+        return prefix + "_text_model_" + path.removeprefix("text_model.").replace(".", "_")
+    raise AdapterError(f"Key '{key}' names no UNet or text-encoder layer.")
+
+
+class _Cfg:
+    def __init__(self, **kw: object) -> None:
+        self.config = type("C", (), kw)
+
+
+def _default_unet_config(family: str) -> _Cfg:
+    return _Cfg(layers_per_block=2, up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
+
+
+def _group(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """Detect the layout and group tensors per layer as {'down','up','alpha'}."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    kohya = all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in tensors)
+    fmt = "kohya" if kohya else "peft"
+    for key, t in tensors.items():
+        if kohya:
+            name, _, part = key.partition(".")
+            role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(part)
+        elif m := _OLD_LAYOUT.match(key):
+            fmt, name = "diffusers-old", f"{m[1]}.{m[2]}" + (".0" if m[2] == "to_out" else "")
+            role = m[3]
+        else:
+            m = re.match(r"^(.*)\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
+                         r"lora_linear_layer\.up)\.weight$", key)
+            name, role = (m[1], "down" if m[2].endswith(("A", "down")) else "up") if m else (key, None)
+            if key.endswith(".alpha"):
+                name, role = key[: -len(".alpha")], "alpha"
+        if role is None:
+            raise AdapterError(f"Unexpected tensor '{key}': this file is not a LoRA adapter in a format "
+                               "LoRA Studio reads (kohya, diffusers/PEFT). Is it a full model or an embedding?")
+        groups.setdefault(name, {})[role] = t
+    return fmt, groups
+
+
+def load_adapter(path: str | Path, model: LoadedModel | None = None) -> Adapter:
+    """Read an adapter file of any supported layout; layer names normalised to kohya's."""
+    tensors, metadata = read_safetensors(path)
+    if not tensors:
+        raise AdapterError(f"'{Path(path).name}' holds no tensors; it is not a LoRA adapter.")
+    fmt, groups = _group(tensors)
+    if fmt != "kohya" and not any(k.startswith(("unet.", "text_encoder")) for k in groups):
+        groups = {"unet." + k: v for k, v in groups.items()}  # old diffusers files name UNet layers bare
+    family = _VERSION_FAMILY.get(metadata.get("ss_base_model_version", ""), model.family if model else "sd1")
+    layers = {}
+    for name, g in groups.items():
+        if "down" not in g or "up" not in g:
+            raise AdapterError(f"Layer '{name}' in '{Path(path).name}' lacks its "
+                               f"{'up' if 'down' in g else 'down'} weight; the file is incomplete.")
+        kname = name if fmt == "kohya" else _peft_to_kohya(name, model, family)
+        rank = g["down"].shape[0]
+        alpha = float(g["alpha"].item()) if "alpha" in g else float(rank)  # no alpha: scale 1
+        layers[kname] = LayerWeights(g["down"].float(), g["up"].float(), alpha)
+    return Adapter(str(path), fmt, layers, metadata)
+
+
+# ----------------------------------------------------------------------------- applying
+
+def model_layers(model: LoadedModel) -> dict[str, tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Every Linear/Conv2d of the UNet and text encoders by kohya name: (root, path, layer)."""
+    out = {}
+    for path, mod in model.unet.named_modules():
+        if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d, LoRAModule)) and ".base" not in f".{path}":
+            out[unet_kohya_name(path, model.unet, model.family)] = (model.unet, path, mod)
+    for prefix, te in zip(text_prefixes(model.family), model.text_encoders, strict=False):
+        for path, mod in te.named_modules():
+            if isinstance(mod, (torch.nn.Linear, LoRAModule)) and ".base" not in f".{path}":
+                out[prefix + "_text_model_" + path.removeprefix("text_model.").replace(".", "_")] = (te, path, mod)
+    return out
+
+
+def check_fits(adapter: Adapter, model: LoadedModel) -> dict[str, tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Refuse an adapter made for another family or shape, naming what each is."""
+    name = Path(adapter.path).name
+    fam = adapter.family
+    if fam is not None and fam != model.family:
+        raise AdapterError(f"'{name}' is a {FAMILY_NAMES[fam]} LoRA, but the base model '{model.name}' is "
+                           f"{FAMILY_NAMES[model.family]}. Choose a {FAMILY_NAMES[fam]} base, or an adapter "
+                           f"trained for {FAMILY_NAMES[model.family]}.")
+    layers = model_layers(model)
+    missing = [n for n in adapter.layers if n not in layers]
+    if missing:
+        raise AdapterError(f"'{name}' does not fit the base model '{model.name}' "
+                           f"({FAMILY_NAMES[model.family]}): {len(missing)} of its {len(adapter.layers)} "
+                           f"layers do not exist there, e.g. '{missing[0]}'. It was made for another model.")
+    for n, w in adapter.layers.items():
+        base = layers[n][2].base if isinstance(layers[n][2], LoRAModule) else layers[n][2]
+        shape = tuple(base.weight.shape)
+        if (w.up.shape[0], w.down.shape[1]) != shape[:2]:
+            raise AdapterError(f"'{name}' does not fit the base model '{model.name}': layer '{n}' is "
+                               f"{w.up.shape[0]}x{w.down.shape[1]} in the file but {shape[0]}x{shape[1]} in "
+                               "the model. It was made for a model of another size.")
+    return layers
+
+
+def apply_adapter(model: LoadedModel, adapter: Adapter, multiplier: float = 1.0) -> dict[str, LoRAModule]:
+    """Inject the file's layers into the model at `multiplier`; returns {kohya_name: LoRA module}."""
+    layers = check_fits(adapter, model)
+    modules = {}
+    for n, w in adapter.layers.items():
+        root, path, layer = layers[n]
+        if isinstance(layer, LoRAModule):
+            raise AdapterError(f"Layer '{n}' already carries an adapter; remove it before applying another.")
+        base_w = layer.weight
+        lora = wrap(layer, w.rank, w.alpha, 0.0, multiplier)
+        with torch.no_grad():
+            lora.lora_down.weight.copy_(w.down.reshape(lora.lora_down.weight.shape).to(base_w.device))
+            lora.lora_up.weight.copy_(w.up.reshape(lora.lora_up.weight.shape).to(base_w.device))
+        lora.requires_grad_(False)
+        _set_module(root, path, lora)
+        modules[n] = lora
+    return modules
+
+
+def inspect_file(path: str | Path) -> dict:
+    """What `lora-studio inspect` prints: format, family, rank, alpha, module count, metadata."""
+    a = load_adapter(path)
+    meta = a.metadata
+    return {
+        "file": str(path),
+        "format": a.format,
+        "family": FAMILY_NAMES.get(a.family or "", "unknown (no metadata; SD1.x or SD2.x)"),
+        "base_model_version": meta.get("ss_base_model_version", "unknown"),
+        "rank": a.rank,
+        "alpha": a.alpha,
+        "modules": len(a.layers),
+        "unet_modules": sum(n.startswith("lora_unet") for n in a.layers),
+        "text_encoder_modules": sum(n.startswith("lora_te") for n in a.layers),
+        "metadata": meta,
+    }
