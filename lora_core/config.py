@@ -77,7 +77,7 @@ class DataConfig:
                   "`N_name` repeat their images N times per epoch.")
     resolution: int = _f(512, "Training resolution: images are resized so width x height is about "
                          "resolution^2. 512 for SD 1.5, 768 for SD 2.x-768, 1024 for SDXL.",
-                         bounds=(64, 2048), multiple_of=8)
+                         bounds=(32, 2048), multiple_of=8)
     buckets: bool = _f(True, "Group images by aspect ratio instead of cropping all of them to a square.")
     min_bucket: int = _f(0, "Shortest bucket side in pixels. 0 = half the resolution.", bounds=(0, 4096))
     max_bucket: int = _f(0, "Longest bucket side in pixels. 0 = twice the resolution.", bounds=(0, 8192))

@@ -64,6 +64,7 @@ class Finished(Event):
     adapter: str
     stopped: bool = False
     seconds: float = 0.0
+    digest: str = ""  # SHA-256 of the fp32 LoRA weights: equal on every process of a data-parallel run
 
 
 @dataclass

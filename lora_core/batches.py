@@ -1,0 +1,143 @@
+"""Training batches: scanned images -> cached VAE latents -> (latents, captions, SDXL time ids) per step.
+
+Every random choice of a step (batch order, flips, caption shuffle/dropout) is a pure function of
+(seed, step), so a resumed run draws exactly what a straight run would.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .dataset import (
+    DatasetReport,
+    DiskCache,
+    Item,
+    bucket_batches,
+    cache_key,
+    load_image,
+    make_buckets,
+    prepare,
+    process_caption,
+    scan,
+)
+from .models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [B, 4, h, w], already scaled by the VAE scaling factor
+    captions: list[str]
+    time_ids: torch.Tensor  # [B, 6] SDXL: original size, crop top-left, target size
+
+
+class TrainData:
+    """Images of one run, their latents (encoded once) and the per-step batch order."""
+
+    def __init__(self, cfg: TrainConfig, model: LoadedModel, device: torch.device, cache_dir: Path | None):
+        d = cfg.data
+        self.cfg, self.model, self.device = cfg, model, device
+        self.report: DatasetReport = scan(d.dir, trigger_word=d.trigger_word, default_caption=d.default_caption,
+                                          repeats=d.repeats, min_side=min(64, d.resolution))
+        lo, hi = cfg.data.bucket_range()
+        self.buckets = make_buckets(d.resolution, lo, hi, d.bucket_step) if d.buckets \
+            else [(d.resolution, d.resolution)]
+        self.disk = DiskCache(cache_dir) if (cache_dir and d.cache_to_disk) else None
+        self._latents: dict[tuple[str, bool], tuple[torch.Tensor, tuple]] = {}
+        self._epochs: dict[int, list] = {}
+        self.batches_per_epoch = len(self._epoch(0))
+
+    @property
+    def items(self) -> list[Item]:
+        return self.report.items
+
+    def _epoch(self, epoch: int) -> list[tuple[tuple[int, int], list[Item]]]:
+        if epoch not in self._epochs:
+            self._epochs = {epoch: bucket_batches(self.items, self.buckets, self.cfg.schedule.batch_size,
+                                                  random.Random(self.cfg.schedule.seed * 7919 + epoch))}
+        return self._epochs[epoch]
+
+    @torch.no_grad()
+    def _encode(self, item: Item, bucket: tuple[int, int], flip: bool) -> tuple[torch.Tensor, tuple]:
+        """One image's latent [4, h, w] (the distribution's mean, scaled) and its SDXL size triple."""
+        key = (item.sha256, flip)
+        if key in self._latents:
+            return self._latents[key]
+        prep = prepare(load_image(item.path), bucket, flip=flip)
+        sizes = (*prep.original_size, *prep.crop_top_left, *prep.target_size)
+        disk_key = cache_key(item, bucket, flip, self.model.name)
+        cached = self.disk.get(disk_key) if self.disk else None
+        if cached is None:
+            vae = self.model.pipe.vae
+            x = torch.from_numpy(prep.array)[None].to(self.device, vae.dtype)
+            lat = (vae.encode(x).latent_dist.mode() * vae.config.scaling_factor)[0].float()
+            if self.disk:
+                self.disk.put(disk_key, {"latent": lat})
+        else:
+            lat = cached["latent"].to(self.device)
+        if self.cfg.data.cache_latents:
+            self._latents[key] = (lat, sizes)
+        return lat, sizes
+
+    def warm_cache(self) -> None:
+        """Encode every image (and its mirror when flipping) once, before the loop starts."""
+        if not self.cfg.data.cache_latents:
+            return
+        for bucket, group in self._epoch(0):
+            for item in group:
+                for flip in ((False, True) if self.cfg.data.flip else (False,)):
+                    self._encode(item, bucket, flip)
+
+    def batch(self, index: int, rng: random.Random) -> Batch:
+        """Micro-batch number `index` (counted over the whole run, epochs back to back)."""
+        epoch, pos = divmod(index, self.batches_per_epoch)
+        bucket, group = self._epoch(epoch)[pos]
+        d = self.cfg.data
+        lats, caps, sizes = [], [], []
+        for item in group:
+            lat, size = self._encode(item, bucket, d.flip and rng.random() < 0.5)
+            lats.append(lat)
+            sizes.append(size)
+            caps.append(process_caption(item.caption, shuffle=d.shuffle_tags, keep_tokens=d.keep_tokens,
+                                        dropout=d.caption_dropout, rng=rng))
+        time_ids = torch.tensor(np.array(sizes, dtype=np.float32), device=self.device)
+        return Batch(torch.stack(lats), caps, time_ids)
+
+
+def encode_text(model: LoadedModel, captions: list[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings exactly as the pipeline computes them at generation time (and pooled for SDXL)."""
+    pipe, device = model.pipe, model.unet.device
+    skip = clip_skip - 1 if clip_skip > 1 else None  # ours: 1 = last layer (A1111); diffusers: layers skipped
+    if model.family == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False, clip_skip=skip)
+        return embeds, pooled
+    embeds, _ = pipe.encode_prompt(captions, device, 1, False, clip_skip=skip)
+    return embeds, None
+
+
+class TextCache:
+    """Embeddings per caption, for runs that do not train the text encoder."""
+
+    def __init__(self, model: LoadedModel, clip_skip: int) -> None:
+        self.model, self.clip_skip = model, clip_skip
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if missing:
+            embeds, pooled = encode_text(self.model, missing, self.clip_skip)
+            for i, c in enumerate(missing):
+                self._cache[c] = (embeds[i], None if pooled is None else pooled[i])
+        embeds = torch.stack([self._cache[c][0] for c in captions])
+        pooled = None if self.model.family != "sdxl" else torch.stack([self._cache[c][1] for c in captions])
+        return embeds, pooled

@@ -1,0 +1,122 @@
+"""Images from a base model with adapters at chosen weights: previews while training, and generation.
+
+Every image is drawn with a fixed seed, so the same prompt at weight 0 gives exactly the base model's
+image and a scale sweep shows only the adapter's effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .export import Adapter, LayerWeights, apply_adapter, check_fits, load_adapter
+from .inject import remove, set_multiplier
+from .lora import LoRAModule
+from .models import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+_models: dict[tuple[str, str], LoadedModel] = {}
+_lock = threading.Lock()  # one generation at a time per process: pipelines are not re-entrant
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cached_model(base: str, device: str = "auto") -> LoadedModel:
+    """Load a base model once per process and keep it (the UI generates many times)."""
+    dev = pick_device(device)
+    key = (base, str(dev))
+    if key not in _models:
+        model = load_model(base, device=dev)
+        if dev.type == "cuda":
+            model.pipe.to(dtype=torch.bfloat16)
+        _models.clear()  # keep one base in memory
+        _models[key] = model
+    return _models[key]
+
+
+@torch.no_grad()
+def draw(model: LoadedModel, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, guidance: float = 7.0,
+         size: int | tuple[int, int] | None = None, negative: str = "") -> list[Image.Image]:
+    """One image per prompt with the model as it is now (adapters at their current multipliers)."""
+    w, h = (size, size) if isinstance(size, int) else (size or (model.resolution, model.resolution))
+    images = []
+    for i, prompt in enumerate(prompts):
+        g = torch.Generator(device="cpu").manual_seed(seed + i)
+        out = model.pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps,
+                         guidance_scale=guidance, width=w, height=h, generator=g, output_type="pil")
+        images.append(out.images[0])
+    return images
+
+
+def previews(model: LoadedModel, modules: dict[str, LoRAModule], prompts: Sequence[str],
+             scales: Sequence[float], **kw: object) -> list[tuple[str, float, Image.Image]]:
+    """Preview images at each multiplier in `scales`; the training multiplier (1) is restored after."""
+    roots = [model.unet, *model.text_encoders]
+    was_training = [r.training for r in roots]
+    for r in roots:
+        r.eval()
+    out = []
+    try:
+        for s in scales:
+            set_multiplier(modules, s)
+            out += [(p, s, img) for p, img in zip(prompts, draw(model, prompts, **kw), strict=True)]
+    finally:
+        set_multiplier(modules, 1.0)
+        for r, t in zip(roots, was_training, strict=True):
+            r.train(t)
+    return out
+
+
+def generate(base: str | LoadedModel, prompts: Sequence[str], *, loras: Sequence[tuple[str, float]] = (),
+             negative: str = "", seed: int = 0, steps: int = 20, size: int | tuple[int, int] | None = None, guidance: float = 7.0,
+             device: str = "auto") -> list[Image.Image]:
+    """Images from `base` with each adapter file applied at its weight (weight 0 = the base image)."""
+    with _lock:
+        model = cached_model(base, device) if isinstance(base, str) else base
+        active = [(load_adapter(path, model), w) for path, w in loras if w != 0]  # weight 0: not applied
+        for adapter, _ in active:
+            check_fits(adapter, model)
+        try:
+            if active:
+                apply_adapter(model, combine(active), 1.0)
+            return draw(model, prompts, seed=seed, steps=steps, guidance=guidance, size=size, negative=negative)
+        finally:
+            remove(model.unet, *model.text_encoders)
+
+
+def combine(adapters: Sequence[tuple[Adapter, float]]) -> Adapter:
+    """Several weighted adapters as one, exactly: per layer, downs and scaled ups concatenated along rank."""
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for adapter, weight in adapters:
+        for name, lw in adapter.layers.items():
+            scale = weight * lw.alpha / lw.rank
+            parts.setdefault(name, []).append((lw.down, lw.up * scale))
+    layers = {}
+    for name, pairs in parts.items():
+        down = torch.cat([d for d, _ in pairs], 0)
+        up = torch.cat([u for _, u in pairs], 1)
+        layers[name] = LayerWeights(down, up, float(down.shape[0]))  # alpha = rank: scale 1
+    first = adapters[0][0]
+    return Adapter(first.path, first.format, layers, first.metadata)
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write a PNG atomically (temp file, then rename)."""
+    import io
+
+    from .export import atomic_write_bytes
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

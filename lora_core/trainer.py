@@ -1,0 +1,200 @@
+"""The training loop: `train(cfg, stop, run_dir=...)` yields events while it turns images into a LoRA.
+
+RUN/ holds config.toml, log.jsonl, samples/, checkpoints/, state/ and adapter.safetensors (DESIGN.md).
+Randomness of step s comes from generators seeded by (seed, s), so `resume` continues bit-identically.
+Under `accelerate launch` every process takes its own micro-batches, gradients are averaged, and only
+the main process writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from . import checkpoints as ckpt
+from .batches import Batch, TextCache, TrainData, encode_text
+from .config import TrainConfig, validate
+from .events import Event, Failed, Finished, Sample, Saved, Started, Step
+from .inject import inject, lora_parameters
+from .models import LoadedModel, load_model
+from .optim import lr_factor, make_optimizer
+from .sampling import previews, save_png
+
+log = logging.getLogger(__name__)
+
+
+def total_steps(cfg: TrainConfig, data: TrainData, world: int = 1) -> int:
+    """Optimizer steps of the run: `schedule.steps`, or epochs x batches / (accumulation x processes)."""
+    if cfg.schedule.epochs > 0:
+        per_step = cfg.optim.grad_accum * world
+        return max(1, math.ceil(cfg.schedule.epochs * data.batches_per_epoch / per_step))
+    return cfg.schedule.steps
+
+
+def _accelerator(cfg: TrainConfig) -> Accelerator:
+    dev = cfg.performance.device
+    cpu = dev == "cpu" or (dev == "auto" and not torch.cuda.is_available())
+    mp = cfg.performance.mixed_precision
+    if mp == "auto":
+        mp = "no" if cpu else "bf16"
+    return Accelerator(cpu=cpu, mixed_precision="no" if cpu else mp)
+
+
+def _setup_model(cfg: TrainConfig, acc: Accelerator) -> tuple[LoadedModel, dict]:
+    model = load_model(cfg.model.base, device=acc.device)
+    if acc.mixed_precision in ("bf16", "fp16"):  # frozen base in the compute dtype, LoRA stays fp32
+        model.pipe.to(dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16)
+    if cfg.model.prediction_type != "auto":
+        model.prediction_type = cfg.model.prediction_type
+    torch.manual_seed(cfg.schedule.seed)  # LoRA init: the same on every process
+    lo = cfg.lora
+    modules = inject(model.unet, model.text_encoders, model.family, targets=lo.targets, rank=lo.rank,
+                     alpha=lo.alpha, dropout=lo.dropout, text_encoder=lo.train_text_encoder,
+                     conv_rank=lo.conv_rank or None, conv_alpha=lo.conv_alpha or None)
+    if cfg.performance.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        for te in model.text_encoders if lo.train_text_encoder else []:
+            te.gradient_checkpointing_enable()
+    model.unet.train()
+    for te in model.text_encoders:
+        te.train(lo.train_text_encoder)
+    return model, modules
+
+
+def _loss(model: LoadedModel, cfg: TrainConfig, batch: Batch, text, gen: torch.Generator) -> torch.Tensor:
+    """Diffusion loss of one micro-batch: noise the latents, predict, weighted MSE (fp32)."""
+    lat = batch.latents
+    noise = torch.randn(lat.shape, generator=gen, device=lat.device)
+    if cfg.optim.noise_offset > 0:
+        noise += cfg.optim.noise_offset * torch.randn((*lat.shape[:2], 1, 1), generator=gen, device=lat.device)
+    sched = model.noise_scheduler()
+    t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=gen, device=lat.device)
+    noisy = sched.add_noise(lat, noise, t)
+    embeds, pooled = text(batch.captions)
+    kw = {}
+    if model.family == "sdxl":
+        kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch.time_ids}
+    dtype = model.unet.dtype
+    pred = model.unet(noisy.to(dtype), t, embeds.to(dtype), **kw).sample.float()
+    target = noise if model.prediction_type == "epsilon" else sched.get_velocity(lat, noise, t)
+    loss = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    if cfg.optim.min_snr_gamma > 0:
+        loss = loss * _snr_weight(sched, t, cfg.optim.min_snr_gamma, model.prediction_type)
+    return loss.mean()
+
+
+def _snr_weight(sched, t: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-gamma: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction."""
+    ac = sched.alphas_cumprod.to(t.device)[t]
+    snr = ac / (1 - ac)
+    return torch.clamp(snr, max=gamma) / (snr + 1 if prediction == "v_prediction" else snr)
+
+
+def _step_rng(cfg: TrainConfig, step: int, rank: int, device: torch.device) -> tuple[random.Random, torch.Generator]:
+    seed = (cfg.schedule.seed * 1_000_003 + step) * 64 + rank
+    torch.manual_seed(seed)  # LoRA dropout draws from the global generator
+    return random.Random(seed), torch.Generator(device=device).manual_seed(seed)
+
+
+def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, modules: dict) -> Sample:
+    s = cfg.sampling
+    prompts = s.prompts
+    pics = previews(model, modules, prompts, s.scales, seed=s.seed, steps=s.steps, guidance=s.cfg,
+                    size=s.size or cfg.data.resolution, negative=s.negative_prompt)
+    paths = []
+    for i, (_, scale, img) in enumerate(pics):
+        paths.append(str(save_png(img, run / "samples" / f"step-{step:06d}-p{i % len(prompts)}-w{scale:g}.png")))
+    return Sample(step, paths, [p for p, _, _ in pics], [sc for _, sc, _ in pics])
+
+
+def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str | Path,
+          resume: bool = False) -> Iterator[Event]:
+    """Train a LoRA as `cfg` says, writing the run into `run_dir`; yields Started, Step, Sample, Saved,
+    and finally Finished or Failed."""
+    validate(cfg)
+    stop = stop or threading.Event()
+    acc = _accelerator(cfg)
+    run = Path(run_dir)
+    main = acc.is_main_process
+    if main:
+        ckpt.prepare_run_dir(run, cfg, resume)
+    model, modules = _setup_model(cfg, acc)
+    data = TrainData(cfg, model, acc.device, run / "cache")
+    if not cfg.sampling.prompts:
+        cfg.sampling.prompts = [data.items[0].caption]
+    data.warm_cache()
+    text = TextCache(model, cfg.model.clip_skip) if not cfg.lora.train_text_encoder else \
+        (lambda caps: encode_text(model, caps, cfg.model.clip_skip))
+    opt = make_optimizer(cfg, modules, acc.device)
+    total = total_steps(cfg, data, acc.num_processes)
+    step = ckpt.load_state(run, modules, opt) if resume else 0
+    logger = ckpt.EventLog(run / "log.jsonl") if main else None
+
+    def emit(event: Event) -> Event:
+        if logger:
+            logger.write(event)
+        return event
+
+    yield emit(Started(str(run), total, step, len(data.items), str(acc.device), cfg.to_dict()))
+    if main and step == 0 and cfg.sampling.prompts:
+        yield emit(_previews(0, run, cfg, model, modules))
+    params = lora_parameters(modules)
+    t0, last_good, seen, start = time.perf_counter(), "", 0, step
+    try:
+        while step < total and not stop.is_set():
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor(cfg.schedule, step, total)
+            loss_sum = 0.0
+            for micro in range(cfg.optim.grad_accum):
+                rng, gen = _step_rng(cfg, step * cfg.optim.grad_accum + micro, acc.process_index, acc.device)
+                index = (step * cfg.optim.grad_accum + micro) * acc.num_processes + acc.process_index
+                batch = data.batch(index, rng)
+                with acc.autocast():
+                    loss = _loss(model, cfg, batch, text, gen) / cfg.optim.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+                seen += batch.latents.shape[0] * acc.num_processes
+            ckpt.average_gradients(acc, params)
+            if cfg.optim.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = float(acc.reduce(loss_sum, "mean")) if acc.num_processes > 1 else float(loss_sum)
+            if not math.isfinite(loss_value):
+                yield emit(Failed(step, f"The loss became {loss_value} at step {step}: training diverged. Lower "
+                                  "the learning rate (optim.lr) or turn on gradient clipping (optim.max_grad_norm)."
+                                  " The last good checkpoint is kept.", last_good))
+                return
+            elapsed = time.perf_counter() - t0
+            rate = seen / elapsed if elapsed > 0 else 0.0
+            eta = elapsed / (step - start) * (total - step)
+            yield emit(Step(step, loss_value, opt.param_groups[0]["lr"], round(rate, 3), round(eta, 1)))
+            if main and cfg.sampling.every and step % cfg.sampling.every == 0 and step < total:
+                yield emit(_previews(step, run, cfg, model, modules))
+            if main and cfg.saving.every and step % cfg.saving.every == 0 and step < total:
+                last_good = ckpt.save_checkpoint(run, cfg, model, modules, opt, step, data)
+                yield emit(Saved(step, last_good))
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        yield emit(Failed(step, ckpt.OOM_ADVICE, last_good))
+        return
+    stopped, final = step < total, str(run / "adapter.safetensors")
+    if main:
+        ckpt.save_final(run, cfg, model, modules, opt, step, data)
+        yield emit(Saved(step, final, final=True))
+        if cfg.sampling.prompts and not stopped:
+            yield emit(_previews(step, run, cfg, model, modules))
+    acc.wait_for_everyone()
+    done = Finished(step, final, stopped=stopped, seconds=round(time.perf_counter() - t0, 2),
+                    digest=ckpt.weights_digest(modules))
+    yield emit(done) if main else done  # every process reports its weights' digest; only rank 0 logs
