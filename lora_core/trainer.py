@@ -70,13 +70,12 @@ def _setup_model(cfg: TrainConfig, acc: Accelerator) -> tuple[LoadedModel, dict]
     return model, modules
 
 
-def _loss(model: LoadedModel, cfg: TrainConfig, batch: Batch, text, gen: torch.Generator) -> torch.Tensor:
+def _loss(model: LoadedModel, sched, cfg: TrainConfig, batch: Batch, text, gen: torch.Generator) -> torch.Tensor:
     """Diffusion loss of one micro-batch: noise the latents, predict, weighted MSE (fp32)."""
     lat = batch.latents
     noise = torch.randn(lat.shape, generator=gen, device=lat.device)
     if cfg.optim.noise_offset > 0:
         noise += cfg.optim.noise_offset * torch.randn((*lat.shape[:2], 1, 1), generator=gen, device=lat.device)
-    sched = model.noise_scheduler()
     t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=gen, device=lat.device)
     noisy = sched.add_noise(lat, noise, t)
     embeds, pooled = text(batch.captions)
@@ -116,6 +115,48 @@ def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, module
     return Sample(step, paths, [p for p, _, _ in pics], [sc for _, sc, _ in pics])
 
 
+def _read_losses(pending: list, acc: Accelerator) -> list[tuple[int, float, float]]:
+    """(step, loss, lr) of the pending steps, read back from the device in one transfer."""
+    losses = torch.stack([loss for _, loss, _ in pending])
+    if acc.num_processes > 1:
+        losses = acc.reduce(losses, "mean")
+    return [(s, v, lr) for (s, _, lr), v in zip(pending, losses.float().cpu().tolist(), strict=True)]
+
+
+class Stepper:
+    """One optimizer step: micro-batches forward and backward, gradient averaging, clipping, update."""
+
+    def __init__(self, cfg: TrainConfig, model: LoadedModel, modules: dict, data: TrainData, text,
+                 opt: torch.optim.Optimizer, acc: Accelerator) -> None:
+        self.cfg, self.model, self.data, self.text, self.opt, self.acc = cfg, model, data, text, opt, acc
+        self.params = lora_parameters(modules)
+        self.sched = model.noise_scheduler()
+        self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(acc.device)
+
+    def set_lr(self, step: int, total: int) -> float:
+        for group in self.opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(self.cfg.schedule, step, total)
+        return self.opt.param_groups[0]["lr"]
+
+    def step(self, step: int) -> torch.Tensor:
+        """Run optimizer step `step` (0-based); returns its mean loss as a device tensor (no host sync)."""
+        cfg, acc, accum = self.cfg, self.acc, self.cfg.optim.grad_accum
+        loss_sum = torch.zeros((), device=acc.device)
+        for micro in range(accum):
+            rng, gen = _step_rng(cfg, step * accum + micro, acc.process_index, acc.device)
+            batch = self.data.batch((step * accum + micro) * acc.num_processes + acc.process_index, rng)
+            with acc.autocast():
+                loss = _loss(self.model, self.sched, cfg, batch, self.text, gen) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        ckpt.average_gradients(acc, self.params)
+        if cfg.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm, foreach=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss_sum
+
+
 def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str | Path,
           resume: bool = False) -> Iterator[Event]:
     """Train a LoRA as `cfg` says, writing the run into `run_dir`; yields Started, Step, Sample, Saved,
@@ -147,44 +188,35 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
     yield emit(Started(str(run), total, step, len(data.items), str(acc.device), cfg.to_dict()))
     if main and step == 0 and cfg.sampling.prompts:
         yield emit(_previews(0, run, cfg, model, modules))
-    params = lora_parameters(modules)
-    t0, last_good, seen, start = time.perf_counter(), "", 0, step
+    stepper = Stepper(cfg, model, modules, data, text, opt, acc)
+    t0, last_good, seen, start, pending = time.perf_counter(), "", 0, step, []
+    every = 1 if acc.device.type == "cpu" else max(1, cfg.performance.log_every)  # loss read-backs sync the GPU
     try:
         while step < total and not stop.is_set():
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor(cfg.schedule, step, total)
-            loss_sum = 0.0
-            for micro in range(cfg.optim.grad_accum):
-                rng, gen = _step_rng(cfg, step * cfg.optim.grad_accum + micro, acc.process_index, acc.device)
-                index = (step * cfg.optim.grad_accum + micro) * acc.num_processes + acc.process_index
-                batch = data.batch(index, rng)
-                with acc.autocast():
-                    loss = _loss(model, cfg, batch, text, gen) / cfg.optim.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-                seen += batch.latents.shape[0] * acc.num_processes
-            ckpt.average_gradients(acc, params)
-            if cfg.optim.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            lr = stepper.set_lr(step, total)
+            pending.append((step + 1, stepper.step(step), lr))
             step += 1
-            loss_value = float(acc.reduce(loss_sum, "mean")) if acc.num_processes > 1 else float(loss_sum)
-            if not math.isfinite(loss_value):
-                yield emit(Failed(step, f"The loss became {loss_value} at step {step}: training diverged. Lower "
-                                  "the learning rate (optim.lr) or turn on gradient clipping (optim.max_grad_norm)."
-                                  " The last good checkpoint is kept.", last_good))
-                return
-            elapsed = time.perf_counter() - t0
-            rate = seen / elapsed if elapsed > 0 else 0.0
-            eta = elapsed / (step - start) * (total - step)
-            yield emit(Step(step, loss_value, opt.param_groups[0]["lr"], round(rate, 3), round(eta, 1)))
-            if main and cfg.sampling.every and step % cfg.sampling.every == 0 and step < total:
+            seen += cfg.schedule.batch_size * cfg.optim.grad_accum * acc.num_processes
+            preview = main and cfg.sampling.every and step % cfg.sampling.every == 0 and step < total
+            save = main and cfg.saving.every and step % cfg.saving.every == 0 and step < total
+            if len(pending) >= every or preview or save or step == total or stop.is_set():
+                elapsed = time.perf_counter() - t0
+                rate, eta = seen / elapsed, elapsed / (step - start) * (total - step)
+                for s, loss, lr_s in _read_losses(pending, acc):
+                    if not math.isfinite(loss):
+                        yield emit(Failed(s, f"The loss became {loss} at step {s}: training diverged. Lower the "
+                                          "learning rate (optim.lr) or turn on gradient clipping "
+                                          "(optim.max_grad_norm). The last good checkpoint is kept.", last_good))
+                        return
+                    yield emit(Step(s, loss, lr_s, round(rate, 3), round(eta, 1)))
+                pending = []
+            if preview:
                 yield emit(_previews(step, run, cfg, model, modules))
-            if main and cfg.saving.every and step % cfg.saving.every == 0 and step < total:
+            if save:
                 last_good = ckpt.save_checkpoint(run, cfg, model, modules, opt, step, data)
                 yield emit(Saved(step, last_good))
     except torch.cuda.OutOfMemoryError:
+        del stepper
         torch.cuda.empty_cache()
         yield emit(Failed(step, ckpt.OOM_ADVICE, last_good))
         return
