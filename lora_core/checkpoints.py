@@ -142,7 +142,8 @@ def save_checkpoint(run: Path, cfg: TrainConfig, model: LoadedModel, modules: di
     path = run / "checkpoints" / f"step-{step:06d}.safetensors"
     save_adapter(path, modules, adapter_metadata(cfg, model, step, data), _DTYPES[cfg.saving.precision])
     save_state(run, modules, opt, step)
-    old = sorted((run / "checkpoints").glob("step-*.safetensors"))[:-max(1, cfg.saving.keep_last)]
+    keep = cfg.saving.keep_last
+    old = sorted((run / "checkpoints").glob("step-*.safetensors"))[:-keep] if keep else []
     for p in old:
         p.unlink(missing_ok=True)
     return str(path)

@@ -171,6 +171,7 @@ class ScheduleConfig:
 class SamplingConfig:
     """Preview images generated while training."""
 
+    enabled: bool = _f(True, "Draw preview images while training (at the start, every N steps, at the end).")
     prompts: list[str] = _f([], "Preview prompts (in --set, use TOML list syntax for prompts with "
                             "commas: [\"a, b\", \"c\"]). Empty = the first caption of the dataset.")
     negative_prompt: str = _f("", "Negative prompt for previews.")

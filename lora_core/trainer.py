@@ -8,6 +8,7 @@ the main process writes files.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -70,8 +71,9 @@ def _setup_model(cfg: TrainConfig, acc: Accelerator) -> tuple[LoadedModel, dict]
     return model, modules
 
 
-def _loss(model: LoadedModel, sched, cfg: TrainConfig, batch: Batch, text, gen: torch.Generator) -> torch.Tensor:
-    """Diffusion loss of one micro-batch: noise the latents, predict, weighted MSE (fp32)."""
+def _loss(model: LoadedModel, unet, sched, cfg: TrainConfig, batch: Batch, text, gen: torch.Generator
+          ) -> torch.Tensor:
+    """Diffusion loss of one micro-batch: noise the latents, predict with `unet` (maybe compiled), MSE."""
     lat = batch.latents
     noise = torch.randn(lat.shape, generator=gen, device=lat.device)
     if cfg.optim.noise_offset > 0:
@@ -83,7 +85,7 @@ def _loss(model: LoadedModel, sched, cfg: TrainConfig, batch: Batch, text, gen: 
     if model.family == "sdxl":
         kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch.time_ids}
     dtype = model.unet.dtype
-    pred = model.unet(noisy.to(dtype), t, embeds.to(dtype), **kw).sample.float()
+    pred = unet(noisy.to(dtype), t, embeds.to(dtype), **kw).sample.float()
     target = noise if model.prediction_type == "epsilon" else sched.get_velocity(lat, noise, t)
     loss = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     if cfg.optim.min_snr_gamma > 0:
@@ -115,6 +117,26 @@ def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, module
     return Sample(step, paths, [p for p, _, _ in pics], [sc for _, sc, _ in pics])
 
 
+def _enabled(value: str, device: torch.device) -> bool:
+    """'on', or 'auto' on a CUDA device."""
+    return value == "on" or (value == "auto" and device.type == "cuda")
+
+
+def _fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device):
+    """The UNet callable of the training step: channels-last, compiled, CUDA-graphed as configured.
+
+    Previews keep the plain module, so compiling never touches generation.
+    """
+    perf = cfg.performance
+    if _enabled(perf.channels_last, device):
+        model.unet.to(memory_format=torch.channels_last)
+    if not _enabled(perf.compile, device):
+        return model.unet
+    graphs = _enabled(perf.cuda_graphs, device) and device.type == "cuda"
+    log.info("compiling the UNet%s; the first steps are slow", " with CUDA graphs" if graphs else "")
+    return torch.compile(model.unet, mode="reduce-overhead" if graphs else "default", dynamic=False)
+
+
 def _read_losses(pending: list, acc: Accelerator) -> list[tuple[int, float, float]]:
     """(step, loss, lr) of the pending steps, read back from the device in one transfer."""
     losses = torch.stack([loss for _, loss, _ in pending])
@@ -130,6 +152,7 @@ class Stepper:
                  opt: torch.optim.Optimizer, acc: Accelerator) -> None:
         self.cfg, self.model, self.data, self.text, self.opt, self.acc = cfg, model, data, text, opt, acc
         self.params = lora_parameters(modules)
+        self.unet = _fast_unet(cfg, model, acc.device)
         self.sched = model.noise_scheduler()
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(acc.device)
 
@@ -146,7 +169,7 @@ class Stepper:
             rng, gen = _step_rng(cfg, step * accum + micro, acc.process_index, acc.device)
             batch = self.data.batch((step * accum + micro) * acc.num_processes + acc.process_index, rng)
             with acc.autocast():
-                loss = _loss(self.model, self.sched, cfg, batch, self.text, gen) / accum
+                loss = _loss(self.model, self.unet, self.sched, cfg, batch, self.text, gen) / accum
             loss.backward()
             loss_sum += loss.detach()
         ckpt.average_gradients(acc, self.params)
@@ -162,6 +185,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
     """Train a LoRA as `cfg` says, writing the run into `run_dir`; yields Started, Step, Sample, Saved,
     and finally Finished or Failed."""
     validate(cfg)
+    cfg = copy.deepcopy(cfg)  # the run fills in defaults (preview prompts); the caller's object stays as given
     stop = stop or threading.Event()
     acc = _accelerator(cfg)
     run = Path(run_dir)
@@ -170,7 +194,9 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
         ckpt.prepare_run_dir(run, cfg, resume)
     model, modules = _setup_model(cfg, acc)
     data = TrainData(cfg, model, acc.device, run / "cache")
-    if not cfg.sampling.prompts:
+    if not cfg.sampling.enabled:
+        cfg.sampling.prompts, cfg.sampling.every = [], 0
+    elif not cfg.sampling.prompts:
         cfg.sampling.prompts = [data.items[0].caption]
     data.warm_cache()
     text = TextCache(model, cfg.model.clip_skip) if not cfg.lora.train_text_encoder else \
