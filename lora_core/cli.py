@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", help="WxH in pixels (default: the model's native size)")
     gen.add_argument("--out", default="out.png")
     gen.set_defaults(func=cmd_generate)
+
+    from . import cli_tools
+
+    cli_tools.register(sub)
     return p
 
 

@@ -8,8 +8,11 @@ GPU benchmarks. Both are deterministic from a seed and need no download.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -33,7 +36,11 @@ BASE_MODEL_VERSION = {  # (family, prediction type) -> kohya's ss_base_model_ver
     ("sd2", "epsilon"): "sd_v2",
     ("sd2", "v_prediction"): "sd_v2_v",
     ("sdxl", "epsilon"): "sdxl_base_v1-0",
+    # v-prediction fine-tunes of SD1/SDXL exist; kohya marks them only by ss_v_parameterization
+    ("sd1", "v_prediction"): "sd_v1",
+    ("sdxl", "v_prediction"): "sdxl_base_v1-0",
 }
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 @dataclass
@@ -45,6 +52,7 @@ class LoadedModel:
     prediction_type: str  # "epsilon" | "v_prediction"
     name: str
     resolution: int  # native image size in pixels
+    clip_skip: int = 1  # 1 = last text-encoder layer; 2 = penultimate (SD1 "clip skip 2")
 
     @property
     def unet(self) -> UNet2DConditionModel:
@@ -185,6 +193,22 @@ def _spec(name: str) -> dict:
 BUILTIN = ("tiny:sd1", "tiny:sd2", "tiny:sd2-v", "tiny:sdxl", "full:sd15", "full:sd21-v", "full:sdxl")
 
 
+def assemble(family: str, unet: UNet2DConditionModel, vae: AutoencoderKL, encoders: list[torch.nn.Module],
+             tokenizers: list, scheduler: object) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The pipeline object for `family` from its parts (eval mode, frozen, progress bar off)."""
+    parts = dict(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet, scheduler=scheduler)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
+                                         force_zeros_for_empty_prompt=True)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for module in [unet, vae, *encoders]:
+        module.eval().requires_grad_(False)
+    return pipe
+
+
 def build_pipeline(name: str, seed: int = 0, device: str | torch.device = "cpu") -> LoadedModel:
     """Build a built-in architecture with deterministic random weights (fp32, eval mode)."""
     spec = _spec(name)
@@ -196,30 +220,166 @@ def build_pipeline(name: str, seed: int = 0, device: str | torch.device = "cpu")
         if spec["family"] == "sdxl":
             encoders.append(CLIPTextModelWithProjection(spec["te"][1]))
     scheduler = EulerDiscreteScheduler(**_SCHEDULER, prediction_type=spec["pred"])
-    tokenizer = make_tokenizer()
-    parts = dict(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-    if spec["family"] == "sdxl":
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=encoders[1], tokenizer_2=make_tokenizer(),
-                                         force_zeros_for_empty_prompt=True)
-    else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    for module in [unet, vae, *encoders]:
-        module.eval().requires_grad_(False)
+    pipe = assemble(spec["family"], unet, vae, encoders, [make_tokenizer() for _ in encoders], scheduler)
     return LoadedModel(pipe=pipe, family=spec["family"], prediction_type=spec["pred"], name=name,
                        resolution=spec["res"])
 
 
-def load_model(model: str, *, device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
-    """Resolve a MODEL string (see DESIGN.md) to a LoadedModel on `device`."""
+def save_configs(name: str, directory: str | Path) -> Path:
+    """Write a built-in architecture's configs in the diffusers folder layout, without weights.
+
+    model_index.json, unet/ vae/ text_encoder(_2)/ config.json, scheduler/, tokenizer(_2)/: what
+    `from_single_file(config=...)` and our single-file loader read. assets/configs/ is made by this.
+    """
+    spec, out = _spec(name), Path(directory)
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**spec["unet"]), AutoencoderKL(**spec["vae"])
+        encoders = [CLIPTextModel(spec["te"][0])]
+        if spec["family"] == "sdxl":
+            encoders.append(CLIPTextModelWithProjection(spec["te"][1]))
+    scheduler = EulerDiscreteScheduler(**_SCHEDULER, prediction_type=spec["pred"])
+    tokenizers = [make_tokenizer() for _ in encoders]
+    pipe = assemble(spec["family"], unet, vae, encoders, tokenizers, scheduler)
+    pipe.save_config(out)
+    unet.save_config(out / "unet")
+    vae.save_config(out / "vae")
+    scheduler.save_config(out / "scheduler")
+    for i, (te, tok) in enumerate(zip(encoders, tokenizers, strict=True)):
+        suffix = f"_{i + 1}" if i else ""
+        te.config.architectures = [type(te).__name__]
+        te.config.save_pretrained(out / f"text_encoder{suffix}")
+        tok.save_pretrained(out / f"tokenizer{suffix}")
+    return out
+
+
+# ----------------------------------------------------------------------------- resolving MODEL strings
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_NAMES = "'demo', " + ", ".join(f"'{b}'" for b in BUILTIN)
+
+
+def load_model(model: str, *, device: str | torch.device = "cpu", seed: int = 0, dtype: torch.dtype | None = None,
+               vae: str | None = None, clip_skip: int = 1, prediction_type: str | None = None) -> LoadedModel:
+    """Resolve a MODEL string (see DESIGN.md) to a LoadedModel on `device`.
+
+    MODEL: 'demo', a built-in ('tiny:*', 'full:*'), a local diffusers folder, a single-file
+    .safetensors/.ckpt checkpoint, or a Hugging Face hub id found in the local cache (never downloaded).
+    `vae` replaces the VAE (a file or folder); `clip_skip` 2 makes the trainer use the penultimate
+    text-encoder layer; `prediction_type` overrides what the file says or implies (SD2 files without a
+    hint are taken as v-prediction, see singlefile.detect).
+    """
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ModelError(f"prediction_type must be 'epsilon' or 'v_prediction', not '{prediction_type}'.")
+    loaded = _resolve(model, seed=seed, device=device, dtype=dtype, prediction_type=prediction_type)
+    if vae:
+        from .singlefile import load_vae
+
+        loaded.pipe.register_modules(vae=load_vae(vae, loaded.pipe.vae.config, dtype))
+    if prediction_type and prediction_type != loaded.prediction_type:
+        loaded.prediction_type = prediction_type
+        sched = loaded.pipe.scheduler
+        loaded.pipe.register_modules(scheduler=type(sched).from_config(sched.config, prediction_type=prediction_type))
+    loaded.clip_skip = _checked_clip_skip(clip_skip, loaded)
+    loaded.pipe.to(device=device, dtype=dtype)
+    return loaded
+
+
+def _resolve(model: str, *, seed: int, device: str | torch.device, dtype: torch.dtype | None,
+             prediction_type: str | None) -> LoadedModel:
     if model == "demo":
-        name = "tiny:sd1"  # until the trained demo base is bundled
-        log.info("demo base resolves to %s", name)
-        return build_pipeline(name, seed=seed, device=device)
+        demo = ASSETS / "demo-base"
+        if (demo / "model_index.json").is_file():
+            return load_folder(demo, name="demo", dtype=dtype)
+        log.info("demo base resolves to tiny:sd1 (no bundled %s)", demo)
+        return build_pipeline("tiny:sd1", seed=seed, device=device)
     if model in BUILTIN:
         return build_pipeline(model, seed=seed, device=device)
+    path = Path(model).expanduser()
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        from .singlefile import load_single_file
+
+        return load_single_file(path, dtype=dtype, prediction_type=prediction_type)
+    if path.is_dir():
+        return load_folder(path, name=model, dtype=dtype)
+    if _HUB_ID.fullmatch(model):
+        return load_from_hub_cache(model, dtype=dtype)
     raise ModelError(
-        f"Cannot load base model '{model}': only the built-in models ({', '.join(('demo',) + BUILTIN)}) "
-        "are supported in this version."
+        f"Cannot load base model '{model}': it is not a built-in name, an existing folder, a .safetensors/.ckpt "
+        f"file or a Hugging Face id (owner/name). Pass one of {_NAMES}, a diffusers folder (the one holding "
+        "model_index.json), or a single-file .safetensors checkpoint."
     )
+
+
+def _checked_clip_skip(clip_skip: int, loaded: LoadedModel) -> int:
+    layers = loaded.text_encoders[0].config.num_hidden_layers
+    if not 1 <= clip_skip < layers + 1:
+        raise ModelError(f"clip_skip must be between 1 (last layer) and {layers} for '{loaded.name}', "
+                         f"not {clip_skip}. Use 2 for the usual 'clip skip 2' of anime-style SD1 models.")
+    return clip_skip
+
+
+def load_from_hub_cache(repo_id: str, dtype: torch.dtype | None = None) -> LoadedModel:
+    """A hub id from the local Hugging Face cache; never touches the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # LocalEntryNotFoundError, or a malformed id/cache; either way: not usable offline
+        raise ModelError(
+            f"Cannot load base model '{repo_id}': it looks like a Hugging Face hub id, but it is not in the "
+            "local Hugging Face cache and LoRA Studio never downloads models (no network access was tried). "
+            "Pass a local diffusers folder (the one holding model_index.json) or a single-file .safetensors "
+            f"checkpoint (SD 1.x, SD 2.x or SDXL base) instead, or one of the built-in models {_NAMES}."
+        ) from None
+    return load_folder(Path(folder), name=repo_id, dtype=dtype)
+
+
+def load_folder(path: Path, *, name: str, dtype: torch.dtype | None = None) -> LoadedModel:
+    """A diffusers pipeline folder (model_index.json + component subfolders), loaded offline."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"'{path}' is a folder but not a diffusers pipeline: it has no model_index.json. "
+                         "Pass the folder that holds model_index.json (not a component subfolder such as "
+                         "unet/), or a single-file .safetensors checkpoint.")
+    cls_name = json.loads(index.read_text()).get("_class_name", "")
+    classes = {"StableDiffusionPipeline": StableDiffusionPipeline,
+               "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
+    if cls_name not in classes:
+        raise ModelError(f"'{path}' holds a {cls_name or 'unknown pipeline'}, not a text-to-image SD 1.x/2.x "
+                         "(StableDiffusionPipeline) or SDXL base (StableDiffusionXLPipeline) model, which are "
+                         "what LoRA Studio trains on. Choose such a base model.")
+    kwargs: dict = dict(local_files_only=True, dtype=dtype or torch.float32)
+    if cls_name == "StableDiffusionPipeline":
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        pipe = classes[cls_name].from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"Could not load the diffusers folder '{path}': {e}. It may be incomplete (a "
+                         "download that stopped); fetch it again or pass a single-file checkpoint.") from None
+    family, pred = _family_of(pipe, path)
+    pipe = assemble(family, pipe.unet, pipe.vae, [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl"
+                    else []), [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else []), pipe.scheduler)
+    res = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return LoadedModel(pipe=pipe, family=family, prediction_type=pred, name=name, resolution=res)
+
+
+def _family_of(pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, path: Path) -> tuple[str, str]:
+    """(family, prediction type) of a loaded diffusers pipeline."""
+    unet = pipe.unet.config
+    if unet.in_channels != 4:
+        raise ModelError(f"'{path}' has a UNet with {unet.in_channels} input channels (an inpainting or "
+                         "image-editing model). LoRA Studio trains on text-to-image base models; choose the "
+                         "non-inpainting version.")
+    pred = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if pred not in ("epsilon", "v_prediction"):
+        raise ModelError(f"'{path}' predicts '{pred}'; only epsilon and v-prediction models are supported.")
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        if pipe.text_encoder is None or pipe.text_encoder_2 is None:
+            raise ModelError(f"'{path}' lacks one of SDXL's two text encoders (an SDXL refiner?). "
+                             "LoRA Studio trains on the SDXL base model.")
+        return "sdxl", pred
+    dim = unet.cross_attention_dim
+    if dim in (768, 1024):
+        return ("sd1" if dim == 768 else "sd2"), pred
+    return ("sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"), pred  # OpenCLIP uses gelu
