@@ -14,6 +14,20 @@ install_torch() {
   fi
 }
 
+install_browser() {
+  # The browser test drives Debian's Chromium (Playwright's own download needs the network). Install it
+  # quietly where apt-get can; otherwise carry on: that test then skips, unless REQUIRE_BROWSER=1.
+  [ -x /usr/bin/chromium ] && return 0
+  command -v apt-get >/dev/null 2>&1 || return 0
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else return 0; fi
+  fi
+  echo "installing Debian's chromium for the browser test (log: /tmp/lora-studio-apt.log)" >&2
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium; } \
+    >/tmp/lora-studio-apt.log 2>&1 || echo "could not install chromium; the browser test will skip" >&2
+}
+
 case "${1:-app}" in
   app)
     shift || true
@@ -25,6 +39,7 @@ case "${1:-app}" in
     shift || true
     install_torch
     "$PY" -m pip install -q -e ".[test]"
+    install_browser || true
     exec "$PY" -m pytest "$@"
     ;;
   *)

@@ -53,7 +53,8 @@ def main() -> None:
     print(json.dumps({"impl": "ours", "model": a.model, "batch": a.batch, "gc": a.gc, "te": a.te,
                       "extra": a.set, "ms_per_step": round(ms, 2), "samples_per_s": round(a.batch * 1000 / ms, 2),
                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                      "setup_s": round(t_started - t_start, 1)}))
+                      "setup_s": round(t_started - t_start, 1),
+                      "warmup_s": round(marks[a.warmup] - t_started, 1)}))
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ def _out_path(out: str) -> Path:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .singlefile import save_single_file
     from .export import merge_into_checkpoint
     from .models import load_model
+    from .singlefile import save_single_file
 
     out = _out_path(args.out)
     model = load_model(args.base, device=args.device, vae=args.vae)

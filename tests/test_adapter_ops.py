@@ -7,7 +7,6 @@ import torch
 from safetensors import safe_open
 
 from lora_core import cli_tools
-from lora_core.singlefile import save_single_file
 from lora_core.errors import AdapterError, LoraStudioError
 from lora_core.export import (
     Adapter,
@@ -23,6 +22,7 @@ from lora_core.export import (
 )
 from lora_core.inject import find_targets
 from lora_core.models import build_pipeline, load_model
+from lora_core.singlefile import save_single_file
 
 
 def probe(m):

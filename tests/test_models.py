@@ -9,9 +9,9 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
 from lora_core import models
-from lora_core.singlefile import checkpoint_tensors, save_single_file
 from lora_core.errors import ModelError
 from lora_core.models import BUILTIN, build_pipeline, load_model, save_configs
+from lora_core.singlefile import checkpoint_tensors, save_single_file
 
 
 def unet_out(m):

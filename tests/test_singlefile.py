@@ -9,6 +9,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from safetensors.torch import load_file, save_file
 
 from lora_core import singlefile
+from lora_core.errors import ModelError
+from lora_core.export import build_metadata, save_adapter
+from lora_core.inject import inject
+from lora_core.models import build_pipeline, load_model, save_configs
 from lora_core.singlefile import (
     META_CONFIGS,
     checkpoint_tensors,
@@ -16,10 +20,6 @@ from lora_core.singlefile import (
     read_checkpoint,
     save_single_file,
 )
-from lora_core.errors import ModelError
-from lora_core.export import build_metadata, save_adapter
-from lora_core.inject import inject
-from lora_core.models import build_pipeline, load_model, save_configs
 
 CASES = [("tiny:sd1", "sd1", "epsilon"), ("tiny:sd2-v", "sd2", "v_prediction"), ("tiny:sdxl", "sdxl", "epsilon")]
 
