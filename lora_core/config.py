@@ -208,11 +208,13 @@ class PerformanceConfig:
                               choices=["auto", "bf16", "fp16", "no"])
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less "
                                       "memory, about 20-30% slower.")
-    compile: str = _f("auto", "torch.compile the UNet (slow first steps, faster after).",
+    compile: str = _f("auto", "torch.compile the UNet's training step: the first steps take a few minutes, "
+                      "every later step is faster. `auto` = on a GPU for runs of 1000 steps or more.",
                       choices=AUTO_OFF_ON)
-    cuda_graphs: str = _f("auto", "Replay the training step as a CUDA graph to cut launch overhead "
-                          "(GPU only).", choices=AUTO_OFF_ON)
-    channels_last: str = _f("auto", "Use channels-last memory format for convolutions.", choices=AUTO_OFF_ON)
+    cuda_graphs: str = _f("auto", "Replay the compiled step as CUDA graphs to cut launch overhead (GPU "
+                          "only). `auto` = when compiling at batch size 4 or less.", choices=AUTO_OFF_ON)
+    channels_last: str = _f("auto", "Use channels-last memory format for convolutions. `auto` = off (it "
+                            "measured no faster).", choices=AUTO_OFF_ON)
     device: str = _f("auto", "Where to train: `auto` = CUDA GPU if present, else CPU.",
                      choices=["auto", "cpu", "cuda"])
     log_every: int = _f(10, "Read the loss back from the GPU and report it every N steps (each read "

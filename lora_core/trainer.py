@@ -46,7 +46,7 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
     cpu = dev == "cpu" or (dev == "auto" and not torch.cuda.is_available())
     mp = cfg.performance.mixed_precision
     if mp == "auto":
-        mp = "no" if cpu else "bf16"
+        mp = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     return Accelerator(cpu=cpu, mixed_precision="no" if cpu else mp)
 
 
@@ -117,22 +117,24 @@ def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, module
     return Sample(step, paths, [p for p, _, _ in pics], [sc for _, sc, _ in pics])
 
 
-def _enabled(value: str, device: torch.device) -> bool:
-    """'on', or 'auto' on a CUDA device."""
-    return value == "on" or (value == "auto" and device.type == "cuda")
+COMPILE_MIN_STEPS = 1000  # compiling the SD1.5 UNet takes ~3 min on an H100 (bench/RESULTS.md)
 
 
-def _fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device):
+def _fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total: int):
     """The UNet callable of the training step: channels-last, compiled, CUDA-graphed as configured.
 
-    Previews keep the plain module, so compiling never touches generation.
+    `auto` compiles on CUDA for runs of at least COMPILE_MIN_STEPS steps, where it pays for itself, and
+    adds CUDA graphs at batch sizes up to 4, where launch overhead dominates. Previews keep the plain
+    module, so compiling never touches generation.
     """
     perf = cfg.performance
-    if _enabled(perf.channels_last, device):
+    if perf.channels_last == "on":  # measured no faster on an H100, so `auto` leaves it off
         model.unet.to(memory_format=torch.channels_last)
-    if not _enabled(perf.compile, device):
+    if perf.compile == "off" or device.type != "cuda" and perf.compile == "auto" or \
+            perf.compile == "auto" and total < COMPILE_MIN_STEPS:
         return model.unet
-    graphs = _enabled(perf.cuda_graphs, device) and device.type == "cuda"
+    graphs = device.type == "cuda" and (perf.cuda_graphs == "on" or
+                                        perf.cuda_graphs == "auto" and cfg.schedule.batch_size <= 4)
     log.info("compiling the UNet%s; the first steps are slow", " with CUDA graphs" if graphs else "")
     return torch.compile(model.unet, mode="reduce-overhead" if graphs else "default", dynamic=False)
 
@@ -149,10 +151,10 @@ class Stepper:
     """One optimizer step: micro-batches forward and backward, gradient averaging, clipping, update."""
 
     def __init__(self, cfg: TrainConfig, model: LoadedModel, modules: dict, data: TrainData, text,
-                 opt: torch.optim.Optimizer, acc: Accelerator) -> None:
+                 opt: torch.optim.Optimizer, acc: Accelerator, total: int) -> None:
         self.cfg, self.model, self.data, self.text, self.opt, self.acc = cfg, model, data, text, opt, acc
         self.params = lora_parameters(modules)
-        self.unet = _fast_unet(cfg, model, acc.device)
+        self.unet = _fast_unet(cfg, model, acc.device, total)
         self.sched = model.noise_scheduler()
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(acc.device)
 
@@ -214,7 +216,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
     yield emit(Started(str(run), total, step, len(data.items), str(acc.device), cfg.to_dict()))
     if main and step == 0 and cfg.sampling.prompts:
         yield emit(_previews(0, run, cfg, model, modules))
-    stepper = Stepper(cfg, model, modules, data, text, opt, acc)
+    stepper = Stepper(cfg, model, modules, data, text, opt, acc, total)
     t0, last_good, seen, start, pending = time.perf_counter(), "", 0, step, []
     every = 1 if acc.device.type == "cpu" else max(1, cfg.performance.log_every)  # loss read-backs sync the GPU
     try:
