@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-studio", description="Train Stable Diffusion LoRA adapters.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command")
+    sub.add_parser("ui", help="start the web UI (the default with no command); see `lora-studio ui --help`")
     ins = sub.add_parser("inspect", help="describe an adapter file: format, family, rank, alpha, metadata")
     ins.add_argument("file")
     ins.add_argument("--json", action="store_true", help="print JSON")
@@ -156,7 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_ui_command(argv: list[str]) -> int:
+    """`lora-studio [ui] [--host H] [--port P] ...`: the web UI. Only this command loads the app package
+    (and with it gradio); the engine itself never imports it."""
+    from app.main import add_ui_arguments, run_ui
+
+    parser = add_ui_arguments(argparse.ArgumentParser(prog="lora-studio ui", description="Start the web UI."))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_ui(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] == "ui" or argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
+        return run_ui_command(argv[1:] if argv and argv[0] == "ui" else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")

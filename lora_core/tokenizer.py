@@ -38,34 +38,39 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, (chr(c) for c in chars), strict=True))
 
 
-def _merges_for(word: str) -> list[tuple[str, str]]:
-    """Left-to-right merges that build `word</w>` from its characters."""
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Pieces of `word` after byte-pair merging with `ranks` (lowest rank first), as CLIP's BPE does."""
     pieces = list(word[:-1]) + [word[-1] + "</w>"]
-    merges = []
     while len(pieces) > 1:
-        merges.append((pieces[0], pieces[1]))
-        pieces = [pieces[0] + pieces[1]] + pieces[2:]
-    return merges
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+    return pieces
 
 
 def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocabulary and merges: bytes, bytes + '</w>', merged word prefixes, then the two specials."""
+    """Vocabulary and merges: bytes, bytes + '</w>', then merges that make every common word one token.
+
+    Each word is tokenized with the merges so far and new merges join what is left, left to right. New
+    merges rank after all earlier ones, so words added before stay whole.
+    """
     symbols = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
-    for s in symbols + [s + "</w>" for s in symbols]:
-        vocab.setdefault(s, len(vocab))
-    merges: list[tuple[str, str]] = []
-    seen = set()
+    for sym in symbols + [sym + "</w>" for sym in symbols]:
+        vocab.setdefault(sym, len(vocab))
+    ranks: dict[tuple[str, str], int] = {}
     for word in COMMON_WORDS:
-        for a, b in _merges_for(word):
-            if (a, b) in seen:
-                continue
-            seen.add((a, b))
-            merges.append((a, b))
-            vocab.setdefault(a + b, len(vocab))
+        pieces = _bpe(word, ranks)
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks.setdefault(pair, len(ranks))
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = [pair[0] + pair[1]] + pieces[2:]
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
-    return vocab, merges
+    return vocab, sorted(ranks, key=ranks.get)
 
 
 def make_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
