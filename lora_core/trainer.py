@@ -139,6 +139,12 @@ def _fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total
     return torch.compile(model.unet, mode="reduce-overhead" if graphs else "default", dynamic=False)
 
 
+def _write_failed(error: OSError, run: Path) -> str:
+    return (f"Could not write to '{run}': {error.strerror or error}. Files already saved are intact (every "
+            "file is written to a temporary name first). Free some disk space, then continue with "
+            f"`lora-studio train --resume {run}` or the Resume button.")
+
+
 def _read_losses(pending: list, acc: Accelerator) -> list[tuple[int, float, float]]:
     """(step, loss, lr) of the pending steps, read back from the device in one transfer."""
     losses = torch.stack([loss for _, loss, _ in pending])
@@ -210,7 +216,10 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
 
     def emit(event: Event) -> Event:
         if logger:
-            logger.write(event)
+            try:
+                logger.write(event)
+            except OSError as e:  # a full disk must not hide the event from the UI or the CLI
+                log.warning("could not append to %s: %s", logger.path, e)
         return event
 
     yield emit(Started(str(run), total, step, len(data.items), str(acc.device), cfg.to_dict()))
@@ -248,9 +257,16 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
         torch.cuda.empty_cache()
         yield emit(Failed(step, ckpt.OOM_ADVICE, last_good))
         return
+    except OSError as e:  # a full disk or a vanished folder while saving
+        yield emit(Failed(step, _write_failed(e, run), last_good))
+        return
     stopped, final = step < total, str(run / "adapter.safetensors")
     if main:
-        ckpt.save_final(run, cfg, model, modules, opt, step, data)
+        try:
+            ckpt.save_final(run, cfg, model, modules, opt, step, data)
+        except OSError as e:
+            yield emit(Failed(step, _write_failed(e, run), last_good))
+            return
         yield emit(Saved(step, final, final=True))
         if cfg.sampling.prompts and not stopped:
             yield emit(_previews(step, run, cfg, model, modules))
