@@ -121,6 +121,23 @@ def _default_train() -> TrainFn:
     return train
 
 
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError)
+
+
+def _free_memory() -> None:
+    """Give the finished job's model and activations back (the next job, or generation, needs them)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class _CaptureLogs(logging.Handler):
     """Copies lora_core's log records made on the job's thread into the job's log tail."""
 
@@ -223,10 +240,16 @@ class JobManager:
         except LoraStudioError as e:
             self._end("failed", str(e))
         except Exception as e:  # the UI must learn about any crash, not hang in "running"
-            log.exception("training job %s crashed", run_dir.name)
-            self._end("failed", f"Unexpected error: {type(e).__name__}: {e}. The server log has the details.")
+            if _is_out_of_memory(e):  # outside the trainer's step loop: model load, cache, previews
+                from lora_core.checkpoints import OOM_ADVICE
+
+                self._end("failed", OOM_ADVICE)
+            else:
+                log.exception("training job %s crashed", run_dir.name)
+                self._end("failed", f"Unexpected error: {type(e).__name__}: {e}. The server log has the details.")
         finally:
             logging.getLogger("lora_core").removeHandler(capture)
+            _free_memory()
             with self._cond:
                 if self._state is not None and self._state.active:
                     self._end("stopped" if stop.is_set() else "failed", "" if stop.is_set()

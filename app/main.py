@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
@@ -55,6 +57,90 @@ def build_ui(workspace: str | Path | Workspace | None = None, *, allowed_folders
     return demo
 
 
+PUBLIC_PATHS = frozenset({"/", "/login", "/login/", "/favicon.ico", "/theme.css", "/robots.txt", "/manifest.json",
+                          "/gradio_api/theme.css", "/gradio_api/startup-events"})
+PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/")  # Gradio's own front-end files, the same for every app
+
+
+def is_public_path(path: str) -> bool:
+    """What the login page itself needs: the page, its scripts, styles and fonts, and the login form."""
+    if ".." in path.split("/"):
+        return False
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+class LoginGate:
+    """ASGI middleware: with --auth, every route except the login page and Gradio's static files needs the
+    login cookie. Gradio checks the login on its API and file routes itself; this gate refuses the rest
+    too (cancel, reset, streams, run history, openapi.json, and any route a later Gradio adds), so
+    "logged in or refused" holds for the whole server. It reads Gradio's own session: the
+    `access-token[-unsecure]-<cookie_id>` cookie must name one of the app's tokens. If Gradio renames
+    those, the gate fails closed (refuses everyone) and tests/test_security.py says so.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # served under a prefix (behind a proxy)
+            path = path[len(root):] or "/"
+        if scope["type"] not in ("http", "websocket") or _logged_in(scope):
+            await self.app(scope, receive, send)
+        elif not is_public_path(path):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            from starlette.responses import JSONResponse
+
+            refuse = JSONResponse({"detail": {"error": "Not authenticated", "auth_message": None}}, status_code=401)
+            await refuse(scope, receive, send)
+        elif path == "/":
+            await self.app(scope, receive, _without_api_info(send))
+        else:
+            await self.app(scope, receive, send)
+
+
+_API_INFO = re.compile(rb"<script>window\.gradio_api_info = .*?;</script>", re.DOTALL)
+_NO_API_INFO = b'<script>window.gradio_api_info = {"named_endpoints": {}, "unnamed_endpoints": {}};</script>'
+
+
+def _without_api_info(send: Any) -> Any:
+    """Gradio's login page embeds the app's whole API description (every endpoint with its defaults and
+    choices: run ids, adapter paths, prompts) even for visitors who are not logged in. Strip it."""
+    start: dict = {}
+    body: list[bytes] = []
+
+    async def wrapped(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+            return
+        if message["type"] != "http.response.body":
+            await send(message)
+            return
+        body.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        page = _API_INFO.sub(_NO_API_INFO, b"".join(body))
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(page)).encode())]})
+        await send({"type": "http.response.body", "body": page})
+
+    return wrapped
+
+
+def _logged_in(scope: dict) -> bool:
+    from starlette.requests import HTTPConnection
+
+    server = scope.get("app")
+    cookie_id, tokens = getattr(server, "cookie_id", None), getattr(server, "tokens", None)
+    if not cookie_id or not isinstance(tokens, dict):
+        return False
+    cookies = HTTPConnection(scope).cookies
+    token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+    return token is not None and token in tokens
+
+
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
     """'USER:PASS' -> (user, pass); ValueError for anything else."""
     if not auth:
@@ -82,10 +168,13 @@ def launch(host: str = "127.0.0.1", port: int = 7860, share: bool = False, auth:
     demo = build_ui(workspace, allowed_folders=allowed_folders, train_fn=train_fn)
     ws: Workspace = demo.ctx.workspace  # type: ignore[attr-defined]
     demo.queue(default_concurrency_limit=4)
+    from starlette.middleware import Middleware
+
     demo.launch(server_name=host, server_port=port, share=share, auth=credentials, inbrowser=open_browser,
                 max_file_size=max_file_size, allowed_paths=[str(ws.root)], prevent_thread_lock=True,
                 footer_links=[], theme=THEME, css=CSS, quiet=True, ssr_mode=False, mcp_server=False,
-                pwa=False, enable_monitoring=False)
+                pwa=False, enable_monitoring=False,
+                app_kwargs={"middleware": [Middleware(LoginGate)]} if credentials else None)
     log.info("LoRA Studio on %s (workspace %s)%s", demo.local_url, ws.root,
              f"; public link {demo.share_url}" if demo.share_url else "")
     if block:

@@ -107,9 +107,30 @@ def _write(dest: Path, sources: Iterable[_Source], result: ImportResult) -> None
             _atomic_write(image.with_suffix(".txt"), caption)
 
 
-def _clean_stem(stem: str) -> str:
+def _clean_stem(stem: str, default: str = "image") -> str:
+    """Letters, digits, `-_. ()` only (no separators, no `..`, no control or bidi characters), <= 120 chars."""
     cleaned = "".join(c if c.isalnum() or c in "-_. ()" else "_" for c in stem).strip(" .")
-    return cleaned[:120] or "image"
+    return cleaned[:120] or default
+
+
+def safe_file_name(name: str, suffix: str, default: str = "upload") -> str:
+    """A name an uploaded file may be stored under: the browser's name cleaned, with `suffix`."""
+    stem = PurePosixPath(name.replace("\\", "/")).name
+    if stem.lower().endswith(suffix.lower()):
+        stem = stem[: -len(suffix)]
+    return _clean_stem(stem, default) + suffix
+
+
+def store_upload(src: Path, dest: Path) -> Path:
+    """Copy an uploaded file to dest (temp file beside it, then rename: never a half-copied file)."""
+    tmp = dest.with_name(f".{dest.name}.part")
+    try:
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise AppError(f"Could not store {dest.name} in {dest.parent}: {e.strerror or e}.") from None
+    return dest
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -165,6 +186,8 @@ def import_files(paths: Sequence[str | Path], dest: Path) -> ImportResult:
 
 
 def _skip_reason(name: str, kind: str) -> str:
+    if kind == "zip":
+        return f"{name}: archives inside an archive are not unpacked; upload it on its own. Skipped."
     if kind == "unsupported-image":
         return f"{name}: this image type is not supported; convert it to {', '.join(IMAGE_EXTS)}."
     return f"{name}: not an image, caption (.txt) or .zip; skipped."

@@ -6,19 +6,21 @@ leaves a half-written file under a final name, and the previous checkpoint stays
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from .config import TrainConfig, save_toml, to_metadata
-from .errors import TrainingError
+from .config import TrainConfig, load_toml, save_toml, to_metadata
+from .errors import ConfigError, TrainingError
 from .events import Event
-from .export import atomic_write_bytes, build_metadata, save_adapter
+from .export import WriteError, atomic_write_bytes, build_metadata, save_adapter
 from .lora import LoRAModule
 from .models import LoadedModel
 
@@ -37,12 +39,41 @@ def prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool) -> None:
         if not (run / "state" / STATE_FILE).is_file():
             raise TrainingError(f"Cannot resume '{run}': it has no saved state (state/{STATE_FILE}). Resume "
                                 "needs a run that saved a checkpoint or was stopped; start a new run instead.")
+        _check_resume_settings(run, cfg)
     elif (run / "log.jsonl").exists() or (run / "adapter.safetensors").exists():
         raise TrainingError(f"'{run}' already holds a training run. Choose another output folder, or resume "
                             "that run with --resume.")
-    for sub in ("samples", "checkpoints", "state"):
-        (run / sub).mkdir(parents=True, exist_ok=True)
-    save_toml(cfg, run / "config.toml")
+    try:
+        for sub in ("samples", "checkpoints", "state"):
+            (run / sub).mkdir(parents=True, exist_ok=True)
+        save_toml(cfg, run / "config.toml")
+    except OSError as e:
+        raise TrainingError(f"Cannot create the run folder '{run}': {e.strerror or e}. Choose another output "
+                            "folder (--out) or free some disk space.") from None
+
+
+RESUME_FIXED = ("model.base", "lora.*", "optim.optimizer")  # the saved state only fits these as they were
+
+
+def _check_resume_settings(run: Path, cfg: TrainConfig) -> None:
+    """Refuse, before anything is written, a resume whose settings the saved state cannot fit."""
+    if not (run / "config.toml").is_file():
+        return
+    try:
+        old = load_toml(run / "config.toml").to_dict()
+    except ConfigError:
+        return  # the state check (load_state) still refuses what does not fit
+    new = cfg.to_dict()
+    changed = []
+    for key in RESUME_FIXED:
+        section, _, name = key.partition(".")
+        names = old[section] if name == "*" else [name]
+        changed += [f"{section}.{n} ({old[section][n]!r} -> {new[section][n]!r})" for n in names
+                    if old[section][n] != new[section][n]]
+    if changed:
+        raise TrainingError(f"Cannot resume '{run}' with changed {', '.join(changed)}: the saved state was "
+                            "trained with the old values. Change only schedule.steps (and sampling/saving "
+                            "settings) when resuming, or start a new run.")
 
 
 class EventLog:
@@ -50,10 +81,18 @@ class EventLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.failed = False
 
     def write(self, event: Event) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(event.to_json() + "\n")
+        """Append one line. A failed append (full disk) is logged, not raised: the log is a record of the
+        run, and the next checkpoint save reports the disk problem with what to do about it."""
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(event.to_json() + "\n")
+        except OSError as e:
+            if not self.failed:
+                log.warning("could not append to %s (%s); training goes on without it", self.path, e.strerror or e)
+            self.failed = True
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -128,20 +167,26 @@ def load_state(run: Path, modules: dict[str, LoRAModule], opt: torch.optim.Optim
     except Exception as e:  # torch raises several types for a damaged file
         raise TrainingError(f"The saved state '{path}' cannot be read ({e}); resume from an earlier copy of "
                             "the run or start again.") from None
-    with torch.no_grad():
-        for n, m in modules.items():
-            m.lora_down.weight.copy_(state["lora"][f"{n}.down"])
-            m.lora_up.weight.copy_(state["lora"][f"{n}.up"])
-    opt.load_state_dict(state["optimizer"])
-    return int(state["step"])
+    try:
+        with torch.no_grad():
+            for n, m in modules.items():
+                m.lora_down.weight.copy_(state["lora"][f"{n}.down"])
+                m.lora_up.weight.copy_(state["lora"][f"{n}.up"])
+        opt.load_state_dict(state["optimizer"])
+        return int(state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise TrainingError(f"The saved state '{path}' does not fit this run's settings ({type(e).__name__}: "
+                            f"{e}). Resume with the settings the run was started with (lora.rank, lora.targets, "
+                            "optimizer); change only schedule.steps, or start a new run.") from None
 
 
 def save_checkpoint(run: Path, cfg: TrainConfig, model: LoadedModel, modules: dict[str, LoRAModule],
                     opt: torch.optim.Optimizer, step: int, data) -> str:
     """checkpoints/step-NNNNNN.safetensors plus state/; keeps the newest `saving.keep_last`."""
     path = run / "checkpoints" / f"step-{step:06d}.safetensors"
-    save_adapter(path, modules, adapter_metadata(cfg, model, step, data), _DTYPES[cfg.saving.precision])
-    save_state(run, modules, opt, step)
+    with _save_errors(run, f"the checkpoint at step {step}"):
+        save_adapter(path, modules, adapter_metadata(cfg, model, step, data), _DTYPES[cfg.saving.precision])
+        save_state(run, modules, opt, step)
     keep = cfg.saving.keep_last
     old = sorted((run / "checkpoints").glob("step-*.safetensors"))[:-keep] if keep else []
     for p in old:
@@ -153,6 +198,28 @@ def save_final(run: Path, cfg: TrainConfig, model: LoadedModel, modules: dict[st
                opt: torch.optim.Optimizer, step: int, data) -> str:
     """adapter.safetensors, plus state/ so a stopped run can be resumed."""
     path = run / "adapter.safetensors"
-    save_adapter(path, modules, adapter_metadata(cfg, model, step, data), _DTYPES[cfg.saving.precision])
-    save_state(run, modules, opt, step)
+    with _save_errors(run, f"the adapter at step {step}"):
+        save_adapter(path, modules, adapter_metadata(cfg, model, step, data), _DTYPES[cfg.saving.precision])
+        save_state(run, modules, opt, step)
     return str(path)
+
+
+@contextlib.contextmanager
+def _save_errors(run: Path, what: str) -> Iterator[None]:
+    """A failed write (full disk) becomes a TrainingError that says what was kept and how to go on."""
+    try:
+        yield
+    except WriteError as e:
+        kept = _saved_step(run)
+        then = (f"the state saved at step {kept} is intact: fix the problem, then continue with "
+                f"`lora-studio train --resume {run}` (or Resume in the app)." if kept is not None else
+                "nothing had been saved yet: fix the problem and start the run again.")
+        raise TrainingError(f"Could not save {what}. {e} Training stopped; {then}") from e
+
+
+def _saved_step(run: Path) -> int | None:
+    """The step of RUN/state, or None (read with weights_only: no pickled code runs)."""
+    try:
+        return int(torch.load(run / "state" / STATE_FILE, map_location="cpu", weights_only=True)["step"])
+    except Exception:  # missing or unreadable: there is no state to speak of
+        return None

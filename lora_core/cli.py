@@ -74,6 +74,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not cfg.data.dir:
             raise ConfigError("No images given: pass --data DIR (a folder of images with optional .txt captions).")
         run = Path(args.out or f"runs/{cfg.saving.output_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    import torch
+
+    from .checkpoints import OOM_ADVICE
+
     stop, total, failed = threading.Event(), [0], False
     try:
         for event in train(cfg, stop, run_dir=run, resume=bool(args.resume)):
@@ -82,6 +86,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: the last checkpoint is kept; continue with --resume " + str(run), file=sys.stderr)
         return 130
+    except LoraStudioError:
+        print(file=sys.stderr)  # end the progress line; main() prints the message
+        raise
+    except torch.cuda.OutOfMemoryError:  # outside the step loop (model load, previews), where the trainer
+        torch.cuda.empty_cache()  # does not turn it into a Failed event
+        print(f"\nerror: {OOM_ADVICE}", file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 
@@ -183,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except LoraStudioError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine, not the program: a missing file, no permission, a full disk
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}. Check the path and that there is space and permission.",
+              file=sys.stderr)
+        log.debug("details", exc_info=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -114,21 +114,37 @@ def _open(data: bytes, name: str) -> Image.Image:
                             f"{MAX_PIXELS // 1_000_000} MP limit; it will be skipped. Downscale it first.")
             img.load()
             return img
+    except _Skip:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _Skip("too_large", f"{name} is too large to decode safely (possible decompression bomb); "
                     "it will be skipped.") from None
     except Image.UnidentifiedImageError:
         raise _Skip("unreadable", f"{name} is not an image that can be read (wrong extension or not an "
                     "image file); it will be skipped.") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise _Skip("unreadable", f"{name} could not be decoded ({e}); it is probably truncated or "
-                    "corrupt and will be skipped.") from None
+    except MemoryError:
+        raise _Skip("too_large", f"{name} needs more memory to decode than is available; it will be "
+                    "skipped. Downscale it first.") from None
+    except Exception as e:  # PIL's decoders raise OSError, ValueError, SyntaxError, EOFError, struct.error,
+        # IndexError, ... for damaged data: every one of them means "this file is corrupt"
+        raise _Skip("unreadable", f"{name} could not be decoded ({type(e).__name__}: {e}); it is probably "
+                    "truncated or corrupt and will be skipped.") from None
+
+
+def _describe(img: Image.Image, name: str) -> tuple[int, int, str | None]:
+    """(width, height) as displayed and a conversion note; _Skip if the metadata (EXIF) is damaged."""
+    try:
+        width, height = _upright_size(img)
+        return width, height, _conversion_note(img)
+    except Exception as e:  # a corrupt EXIF block raises from deep inside PIL
+        raise _Skip("unreadable", f"{name} has damaged metadata ({type(e).__name__}: {e}); it will be "
+                    "skipped. Re-save it with an image editor.") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB: transparency composited on white, 16-bit scaled down, CMYK/palette/grey converted."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
+        a = np.asarray(img, dtype=np.float32)  # float32: a 64 MP 16-bit image stays at 256 MB
         a = a / 257.0 if a.max(initial=0) > 255 else a  # 16-bit range -> 8-bit
         img = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
@@ -162,7 +178,11 @@ def load_image(path: str | Path) -> Image.Image:
     except _Skip as e:
         raise DatasetError(str(e)) from None
     with img:
-        return _to_rgb(ImageOps.exif_transpose(img))
+        try:
+            return _to_rgb(ImageOps.exif_transpose(img))
+        except Exception as e:  # damaged EXIF or pixel data that only fails on conversion
+            raise DatasetError(f"{path} could not be converted to RGB ({type(e).__name__}: {e}); it is "
+                               "probably corrupt. Re-save it with an image editor or remove it.") from None
 
 
 def _upright_size(img: Image.Image) -> tuple[int, int]:
@@ -220,8 +240,7 @@ def _scan_one(path: Path, repeats: int, seen: dict[str, Path], opts: dict, probl
         raise _Skip("duplicate", f"{path.name} is an exact copy of {seen[digest].name}; the copy will be "
                     "skipped.")
     with _open(data, path.name) as img:
-        width, height = _upright_size(img)
-        note = _conversion_note(img)
+        width, height, note = _describe(img, path.name)
     if min(width, height) < opts["min_side"]:
         raise _Skip("too_small", f"{path.name} is only {width}x{height} pixels (the shorter side must be at "
                     f"least {opts['min_side']}); it will be skipped.")
@@ -249,7 +268,11 @@ def scan(source: str | Path | Sequence[str | Path], *, trigger_word: str = "", d
         if not folder.is_dir():
             raise DatasetError(f"Dataset folder not found: {folder}. Pass a folder of images "
                                f"({', '.join(IMAGE_EXTS)}) with optional same-name .txt captions.")
-        files = _list_files(folder)
+        try:
+            files = _list_files(folder)
+        except OSError as e:
+            raise DatasetError(f"Cannot read the dataset folder {folder}: {e.strerror or e}. Check that it "
+                               "exists and that you may read it.") from None
         where = f"the folder {folder} and its subfolders"
     else:
         files = [(Path(p), None) for p in source]

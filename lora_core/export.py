@@ -8,9 +8,11 @@ with kohya's `ss_*` metadata, `sshs_model_hash` and `modelspec.*`. Read: kohya f
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -24,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from .errors import AdapterError
+from .errors import AdapterError, LoraStudioError
 from .inject import _set_module, text_prefixes, unet_kohya_name
 from .lora import LoRAModule, delta_weight, merged_weight, wrap
 from .models import LoadedModel
@@ -87,19 +89,48 @@ def tensor_data_hash(blob: bytes) -> str:
     return hashlib.sha256(blob[8 + n:]).hexdigest()
 
 
+class WriteError(LoraStudioError, OSError):
+    """A file could not be written (disk full, no permission, ...). Both a LoraStudioError, so the CLI
+    and the UI show its message, and an OSError (with errno and filename), so code that handles I/O
+    errors still catches it."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+def _write_error(path: Path, e: OSError) -> WriteError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = "the disk is full. Free some space and try again; files saved before are intact"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "there is no permission to write there. Choose another folder"
+    else:
+        advice = f"{e.strerror or e}"
+    err = WriteError(f"Could not write '{path.name}' in {path.parent}: {advice}.")
+    err.errno, err.strerror, err.filename = e.errno, e.strerror, str(path)
+    return err
+
+
 def atomic_write_bytes(path: str | Path, blob: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename over it: never a half-written final file."""
+    """Write to a temp file beside `path`, fsync, then rename over it: never a half-written final file.
+
+    A crash (even kill -9) before the rename leaves the previous file untouched and at most a hidden
+    `.NAME.*.tmp` beside it; an I/O error (full disk) removes the temp file and raises WriteError.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise _write_error(path, e) from e
         raise
 
 
@@ -173,12 +204,74 @@ def save_adapter(path: str | Path, modules: dict[str, LoRAModule] | dict[str, La
 _OLD_LAYOUT = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
 
+MAX_ADAPTER_BYTES = 8 * 1024**3  # tensor bytes; the largest real LoRAs (SDXL, rank 256, fp32) are ~4 GB
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER = 100 * 1024**2  # the safetensors format's own limit
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to this process (Linux MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def tensor_bytes(path: str | Path, what: str, limit: int) -> int:
+    """Bytes the tensors of a .safetensors file would take in memory, read from its header alone.
+
+    Raises ValueError (with a message for the user) when the header is not a safetensors header, or
+    claims more than `limit` bytes or more memory than is available, so nothing is ever allocated for
+    a file that lies about its size.
+    """
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("the file is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if not 2 <= n <= _MAX_HEADER:
+            raise ValueError(f"its header claims to be {n} bytes long, which no safetensors file is")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"its header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    total = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            shape = [int(d) for d in info["shape"]]
+            size = _DTYPE_BYTES[info["dtype"]] * math.prod(shape)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor '{key}' has no valid dtype and shape in the header") from None
+        if min(shape, default=0) < 0:
+            raise ValueError(f"tensor '{key}' has a negative dimension")
+        total += size
+    gib = 1024**3
+    if total > limit:
+        raise ValueError(f"its header claims {total / gib:.1f} GB of tensors, more than a {what} can hold "
+                         f"({limit / gib:.0f} GB); the file is damaged or not a {what}")
+    available = _available_memory()
+    if available is not None and total > available:
+        raise ValueError(f"its tensors need {total / gib:.1f} GB of memory but only {available / gib:.1f} GB "
+                         "is available. Close other programs, or use a machine with more memory")
+    return total
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata, with a clear error for a missing, truncated or foreign file."""
+    """Tensors and metadata, with a clear error for a missing, truncated, oversized or foreign file."""
     p = Path(path)
     if not p.is_file():
         raise AdapterError(f"Adapter file '{p}' does not exist. Check the path, or pick the file again.")
     try:
+        tensor_bytes(p, "LoRA adapter", MAX_ADAPTER_BYTES)
         with safe_open(str(p), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except Exception as e:  # safetensors raises several types for a damaged file
@@ -235,24 +328,63 @@ def _group(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, t
     return fmt, groups
 
 
+def _layer_weights(name: str, g: dict[str, torch.Tensor], file: str) -> LayerWeights:
+    """Check one layer's tensors (present, shapes that fit together, finite) and convert to fp32."""
+    if "down" not in g or "up" not in g:
+        raise AdapterError(f"Layer '{name}' in '{file}' lacks its {'up' if 'down' in g else 'down'} weight; "
+                           "the file is incomplete.")
+    down, up = g["down"], g["up"]
+    if down.ndim not in (2, 4) or up.ndim != down.ndim or down.shape[0] != up.shape[1] or down.shape[0] < 1 \
+            or down.numel() == 0 or up.numel() == 0 or (up.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
+        raise AdapterError(f"Layer '{name}' in '{file}' has down {tuple(down.shape)} and up {tuple(up.shape)} "
+                           "weights that do not form a LoRA (down [rank, in], up [out, rank]); the file is "
+                           "damaged or not a LoRA.")
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise AdapterError(f"Layer '{name}' in '{file}' stores {down.dtype}/{up.dtype} weights, not floats; "
+                           "it is not a LoRA adapter.")
+    alpha = float(down.shape[0])  # no alpha: scale 1
+    if "alpha" in g:
+        if g["alpha"].numel() != 1:
+            raise AdapterError(f"Layer '{name}' in '{file}' has an alpha of shape {tuple(g['alpha'].shape)}; "
+                               "it must be a single number. The file is damaged.")
+        alpha = float(g["alpha"].float().item())
+    down, up = down.float(), up.float()
+    if not (math.isfinite(alpha) and bool(torch.isfinite(down).all()) and bool(torch.isfinite(up).all())):
+        raise AdapterError(f"Layer '{name}' in '{file}' holds NaN or infinite values; the file is damaged "
+                           "(or was saved from a run that diverged). Use an earlier checkpoint.")
+    return LayerWeights(down, up, alpha)
+
+
+def _check_groups(path: str | Path, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict]]:
+    if not tensors:
+        raise AdapterError(f"'{Path(path).name}' holds no tensors; it is not a LoRA adapter.")
+    return _group(tensors)
+
+
+def check_adapter_file(path: str | Path) -> None:
+    """Raise AdapterError unless `path` is a readable LoRA file in a layout we read (no model needed)."""
+    tensors, _ = read_safetensors(path)
+    _, groups = _check_groups(path, tensors)
+    for name, g in groups.items():
+        _layer_weights(name, g, Path(path).name)
+
+
 def load_adapter(path: str | Path, model: LoadedModel | None = None) -> Adapter:
     """Read an adapter file of any supported layout; layer names normalised to kohya's."""
     tensors, metadata = read_safetensors(path)
-    if not tensors:
-        raise AdapterError(f"'{Path(path).name}' holds no tensors; it is not a LoRA adapter.")
-    fmt, groups = _group(tensors)
+    fmt, groups = _check_groups(path, tensors)
     if fmt != "kohya" and not any(k.startswith(("unet.", "text_encoder")) for k in groups):
         groups = {"unet." + k: v for k, v in groups.items()}  # old diffusers files name UNet layers bare
     family = _VERSION_FAMILY.get(metadata.get("ss_base_model_version", ""), model.family if model else "sd1")
     layers = {}
     for name, g in groups.items():
-        if "down" not in g or "up" not in g:
-            raise AdapterError(f"Layer '{name}' in '{Path(path).name}' lacks its "
-                               f"{'up' if 'down' in g else 'down'} weight; the file is incomplete.")
-        kname = name if fmt == "kohya" else _peft_to_kohya(name, model, family)
-        rank = g["down"].shape[0]
-        alpha = float(g["alpha"].item()) if "alpha" in g else float(rank)  # no alpha: scale 1
-        layers[kname] = LayerWeights(g["down"].float(), g["up"].float(), alpha)
+        weights = _layer_weights(name, g, Path(path).name)
+        try:
+            kname = name if fmt == "kohya" else _peft_to_kohya(name, model, family)
+        except (KeyError, ValueError, IndexError, AttributeError, TypeError) as e:
+            raise AdapterError(f"Layer '{name}' in '{Path(path).name}' names no layer of a "
+                               f"{FAMILY_NAMES[family]} model ({type(e).__name__}: {e}).") from None
+        layers[kname] = weights
     return Adapter(str(path), fmt, layers, metadata)
 
 
@@ -288,10 +420,11 @@ def check_fits(adapter: Adapter, model: LoadedModel) -> dict[str, tuple[torch.nn
     for n, w in adapter.layers.items():
         base = layers[n][2].base if isinstance(layers[n][2], LoRAModule) else layers[n][2]
         shape = tuple(base.weight.shape)
-        if (w.up.shape[0], w.down.shape[1]) != shape[:2]:
+        if (w.up.shape[0], w.down.shape[1]) != shape[:2] or math.prod(w.down.shape[1:]) != math.prod(shape[1:]):
+            in_file = "x".join(map(str, (w.up.shape[0], *w.down.shape[1:])))
             raise AdapterError(f"'{name}' does not fit the base model '{model.name}': layer '{n}' is "
-                               f"{w.up.shape[0]}x{w.down.shape[1]} in the file but {shape[0]}x{shape[1]} in "
-                               "the model. It was made for a model of another size.")
+                               f"{in_file} in the file but {'x'.join(map(str, shape))} in the model. It was "
+                               "made for a model of another size.")
     return layers
 
 

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import ModelError
-from .export import _ARCH, FAMILY_NAMES
+from .export import _ARCH, FAMILY_NAMES, tensor_bytes
 from .ldm_keys import PREFIXES, from_ldm, to_ldm
 from .lora import LoRAModule
 from .models import ASSETS, LoadedModel, assemble, save_configs
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 UNET = "model.diffusion_model."
 META_CONFIGS = "lora_studio.configs"  # JSON of the component configs, written by save_single_file
+MAX_CHECKPOINT_BYTES = 32 * 1024**3  # an fp32 SDXL file with its VAE and both text encoders is ~14 GB
 CONFIG_DIRS = {"sd1": "sd15", "sd2": "sd21-v", "sdxl": "sdxl"}  # assets/configs/<dir>, from full:<dir>
 _IMPLEMENTATION = {"sd1": "https://github.com/CompVis/stable-diffusion",
                    "sd2": "https://github.com/Stability-AI/stablediffusion",
@@ -66,6 +67,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise ModelError(f"Checkpoint file '{p}' does not exist. Check the path, or pick the file again.")
     if p.suffix.lower() == ".safetensors":
         try:
+            tensor_bytes(p, "Stable Diffusion checkpoint", MAX_CHECKPOINT_BYTES)  # before allocating anything
             with safe_open(str(p), framework="pt", device="cpu") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as e:  # safetensors raises several types for a damaged file

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from . import checkpoints as ckpt
 from .batches import Batch, TextCache, TrainData, encode_text
 from .config import TrainConfig, validate
+from .errors import TrainingError
 from .events import Event, Failed, Finished, Sample, Saved, Started, Step
 from .inject import inject, lora_parameters
 from .models import LoadedModel, load_model
@@ -139,7 +140,9 @@ def _fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total
     return torch.compile(model.unet, mode="reduce-overhead" if graphs else "default", dynamic=False)
 
 
-def _write_failed(error: OSError, run: Path) -> str:
+def _write_failed(error: Exception, run: Path) -> str:
+    if isinstance(error, TrainingError):  # already says what was kept and how to resume
+        return str(error)
     return (f"Could not write to '{run}': {error.strerror or error}. Files already saved are intact (every "
             "file is written to a temporary name first). Free some disk space, then continue with "
             f"`lora-studio train --resume {run}` or the Resume button.")
@@ -257,14 +260,14 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
         torch.cuda.empty_cache()
         yield emit(Failed(step, ckpt.OOM_ADVICE, last_good))
         return
-    except OSError as e:  # a full disk or a vanished folder while saving
+    except (OSError, TrainingError) as e:  # a full disk or a vanished folder while saving
         yield emit(Failed(step, _write_failed(e, run), last_good))
         return
     stopped, final = step < total, str(run / "adapter.safetensors")
     if main:
         try:
             ckpt.save_final(run, cfg, model, modules, opt, step, data)
-        except OSError as e:
+        except (OSError, TrainingError) as e:
             yield emit(Failed(step, _write_failed(e, run), last_good))
             return
         yield emit(Saved(step, final, final=True))

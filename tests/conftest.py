@@ -7,6 +7,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+# The test models are tiny: one thread per process is faster than two fighting over small kernels.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

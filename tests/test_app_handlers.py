@@ -35,7 +35,7 @@ from app.ui_fields import (
 )
 from app.workspace import AppError, Workspace
 from lora_core.config import DataConfig, TrainConfig, iter_fields
-from lora_core.errors import ConfigError
+from lora_core.errors import ConfigError, ModelError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -335,7 +335,10 @@ def test_base_model_paths_must_be_allowed(ctx: AppContext, tmp_path: Path) -> No
         with pytest.raises(AppError, match="outside the folders"):
             train_tab.check_base(ctx, bad)
     upload = tmp_path / "up.safetensors"
-    upload.write_bytes(b"x")
+    upload.write_bytes(b"x")  # not a safetensors file: refused at upload (tests/test_reliability_inputs.py)
+    with pytest.raises(ModelError, match="up.safetensors' is not a readable .safetensors checkpoint"):
+        train_tab.upload_checkpoint(ctx, str(upload))
+    upload.write_bytes(adapter_bytes())  # a well-formed file: kept; what it holds is checked when loaded
     assert train_tab.upload_checkpoint(ctx, str(upload)) == str(ctx.workspace.models_dir / "up.safetensors")
 
 

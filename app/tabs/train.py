@@ -9,7 +9,6 @@ tab notices a job started elsewhere) starts a watcher, which is how a reload rec
 from __future__ import annotations
 
 import html
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from app import datasets
+from app import datasets, uploads
 from app.context import AppContext, bind
 from app.estimate import estimate_markdown
 from app.jobs import JobState, format_seconds
@@ -26,7 +25,7 @@ from app.ui_fields import BASIC, DEFAULTS, config_from_params, form_values, pres
 from app.workspace import AppError, is_inside
 from lora_core.config import list_presets, load_toml, validate
 from lora_core.dataset import scan
-from lora_core.errors import ConfigError
+from lora_core.errors import ConfigError, ModelError
 
 KEEP_ON_PRESET = ("data.trigger_word", "data.default_caption")  # belong to the dataset, not the recipe
 ESTIMATE_KEYS = ("model.base", *BASIC, "data.repeats", "schedule.epochs", "optim.grad_accum",
@@ -64,9 +63,27 @@ def upload_checkpoint(ctx: AppContext, file: str | None) -> str:
     src = Path(file)
     if src.suffix.lower() not in CHECKPOINT_TYPES:
         raise AppError(f"{src.name}: a base model checkpoint must be a {' or '.join(CHECKPOINT_TYPES)} file.")
-    dest = ctx.workspace.models_dir / src.name
-    shutil.copyfile(src, dest)
-    return str(dest)
+    if src.suffix.lower() == ".safetensors":
+        _check_safetensors_checkpoint(src)
+    dest = ctx.workspace.models_dir / uploads.safe_file_name(src.name, src.suffix.lower(), "model")
+    return str(uploads.store_upload(src, dest))
+
+
+def _check_safetensors_checkpoint(path: Path) -> None:
+    """Header only (no tensor is read): a truncated file or one that claims absurd sizes is refused now.
+    A .ckpt is checked when it is loaded (without running its pickle code)."""
+    from safetensors import safe_open
+
+    from lora_core.export import tensor_bytes
+    from lora_core.singlefile import MAX_CHECKPOINT_BYTES
+
+    try:
+        tensor_bytes(path, "Stable Diffusion checkpoint", MAX_CHECKPOINT_BYTES)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise ModelError(f"'{path.name}' is not a readable .safetensors checkpoint ({e}). It may be truncated; "
+                         "download it again.") from None
 
 
 def check_base(ctx: AppContext, base: str) -> None:
