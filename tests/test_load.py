@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from gradio_client import Client
 from PIL import Image
 from ui_fakes import fake_train
@@ -40,8 +39,6 @@ def dispatch_train(cfg, stop=None, *, run_dir, resume=False):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: one thread is several times faster than two fighting
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -55,7 +52,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, obje
         jobs.stop()
     jobs.join(60)
     demo.close()
-    torch.set_num_threads(before)
 
 
 def status_of(html: str) -> tuple[str, str]:

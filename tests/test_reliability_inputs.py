@@ -41,15 +41,6 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two shared cores: one torch thread is several times faster than two fighting over them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def ctx(tmp_path: Path) -> AppContext:
     ws = Workspace.open(tmp_path / "ws")
