@@ -127,14 +127,17 @@ def encode_text(model: LoadedModel, captions: list[str], clip_skip: int = 1) -> 
 class TextCache:
     """Embeddings per caption, for runs that do not train the text encoder."""
 
-    def __init__(self, model: LoadedModel, clip_skip: int) -> None:
+    def __init__(self, model: LoadedModel, clip_skip: int, before_encode=None) -> None:
         self.model, self.clip_skip = model, clip_skip
+        self.before_encode = before_encode  # called before the text encoder runs (brings it back if parked)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
         if missing:
+            if self.before_encode:
+                self.before_encode()
             embeds, pooled = encode_text(self.model, missing, self.clip_skip)
             for i, c in enumerate(missing):
                 self._cache[c] = (embeds[i], None if pooled is None else pooled[i])

@@ -146,13 +146,21 @@ def adapter_metadata(cfg: TrainConfig, model: LoadedModel, step: int, data) -> d
                           trigger_phrase=cfg.data.trigger_word, extra=extra)
 
 
+def _portable(opt_state: dict) -> dict:
+    """An optimizer state that resumes anywhere: a graphed run's device lr and capturable flag undone."""
+    for group in opt_state["param_groups"]:
+        group["lr"] = float(group["lr"])
+        group["capturable"] = False
+    return opt_state
+
+
 def save_state(run: Path, modules: dict[str, LoRAModule], opt: torch.optim.Optimizer, step: int) -> None:
     """What resume needs: the fp32 LoRA weights, the optimizer state and the step."""
     state = {
         "step": step,
         "lora": {f"{n}.{k}": v.detach().cpu() for n, m in modules.items()
                  for k, v in (("down", m.lora_down.weight), ("up", m.lora_up.weight))},
-        "optimizer": opt.state_dict(),
+        "optimizer": _portable(opt.state_dict()),
     }
     buf = io.BytesIO()
     torch.save(state, buf)

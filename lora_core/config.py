@@ -148,6 +148,11 @@ class OptimConfig:
                              "very bright images. 0 = off.", bounds=(0.0, 1.0))
     min_snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (5 is typical); steadies training. "
                               "0 = off.", bounds=(0.0, 100.0))
+    uncond_preservation: float = _f(0.0, "Share of samples trained with an empty caption towards the base "
+                                    "model's own prediction (adapter off). Keeps the adapter out of the "
+                                    "unconditional branch, so guidance (CFG) amplifies what it learned instead "
+                                    "of cancelling it; costs a forward pass without gradients on those samples. "
+                                    "0 = off.", bounds=(0.0, 1.0))
 
 
 @dataclass

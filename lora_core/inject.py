@@ -12,7 +12,8 @@ paths are rewritten to the original SGM layout (input_blocks / middle_block / ou
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
@@ -162,6 +163,18 @@ def set_multiplier(modules: dict[str, LoRAModule] | Iterable[LoRAModule], value:
     for m in (modules.values() if isinstance(modules, dict) else modules):
         m.unmerge()
         m.multiplier = value
+
+
+@contextmanager
+def adapters_off(modules: dict[str, LoRAModule]) -> Iterator[None]:
+    """Run the base model alone inside the block (every multiplier 0), then restore each multiplier."""
+    saved = {name: m.multiplier for name, m in modules.items()}
+    set_multiplier(modules, 0.0)
+    try:
+        yield
+    finally:
+        for name, m in modules.items():
+            m.multiplier = saved[name]
 
 
 def lora_parameters(modules: dict[str, LoRAModule], prefix: str | None = None) -> list[nn.Parameter]:

@@ -26,9 +26,12 @@ from .batches import Batch, TextCache, TrainData, encode_text
 from .config import TrainConfig, validate
 from .errors import TrainingError
 from .events import Event, Failed, Finished, Sample, Saved, Started, Step
-from .inject import inject, lora_parameters
+from .fast_step import GraphedStep, StepInputs, fast_unet, make_capturable, step_autocast, use_graphs
+from .inject import adapters_off, inject, lora_parameters
+from .lora import LoRAModule
 from .models import LoadedModel, load_model
 from .optim import lr_factor, make_optimizer
+from .parking import Parking
 from .sampling import previews, save_png
 
 log = logging.getLogger(__name__)
@@ -72,26 +75,53 @@ def _setup_model(cfg: TrainConfig, acc: Accelerator) -> tuple[LoadedModel, dict]
     return model, modules
 
 
-def _loss(model: LoadedModel, unet, sched, cfg: TrainConfig, batch: Batch, text, gen: torch.Generator
-          ) -> torch.Tensor:
-    """Diffusion loss of one micro-batch: noise the latents, predict with `unet` (maybe compiled), MSE."""
+def _inputs(model: LoadedModel, sched, cfg: TrainConfig, batch: Batch, text, gen: torch.Generator,
+            modules: dict[str, LoRAModule], preserve: list[bool]) -> StepInputs:
+    """Everything random or data-dependent in a step: noise, timesteps, embeddings, target, loss weights.
+
+    Samples flagged in `preserve` get an empty caption and the base model's own prediction as target.
+    """
     lat = batch.latents
     noise = torch.randn(lat.shape, generator=gen, device=lat.device)
     if cfg.optim.noise_offset > 0:
         noise += cfg.optim.noise_offset * torch.randn((*lat.shape[:2], 1, 1), generator=gen, device=lat.device)
     t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=gen, device=lat.device)
     noisy = sched.add_noise(lat, noise, t)
-    embeds, pooled = text(batch.captions)
-    kw = {}
-    if model.family == "sdxl":
-        kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": batch.time_ids}
-    dtype = model.unet.dtype
-    pred = unet(noisy.to(dtype), t, embeds.to(dtype), **kw).sample.float()
+    embeds, pooled = text(["" if p else c for c, p in zip(batch.captions, preserve, strict=True)])
     target = noise if model.prediction_type == "epsilon" else sched.get_velocity(lat, noise, t)
-    loss = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-    if cfg.optim.min_snr_gamma > 0:
-        loss = loss * _snr_weight(sched, t, cfg.optim.min_snr_gamma, model.prediction_type)
-    return loss.mean()
+    if any(preserve):
+        keep = torch.tensor(preserve, device=lat.device)
+        target = target.clone()
+        target[keep] = _base_prediction(model, modules, text, noisy[keep], t[keep], batch, keep)
+    weight = _snr_weight(sched, t, cfg.optim.min_snr_gamma, model.prediction_type) if cfg.optim.min_snr_gamma > 0 \
+        else torch.ones(len(t), device=lat.device)
+    dtype = model.unet.dtype
+    return StepInputs(noisy.to(dtype), t, embeds.to(dtype), target, weight, pooled,
+                      batch.time_ids if model.family == "sdxl" else None)
+
+
+def _loss(model: LoadedModel, unet, x: StepInputs) -> torch.Tensor:
+    """Diffusion loss of one micro-batch: predict with `unet` (maybe compiled), weighted MSE."""
+    pred = unet(x.noisy, x.t, x.embeds, **_sdxl_kwargs(model, x.pooled, x.time_ids)).sample.float()
+    loss = F.mse_loss(pred, x.target, reduction="none").mean(dim=(1, 2, 3))
+    return (loss * x.weight).mean()
+
+
+def _sdxl_kwargs(model: LoadedModel, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
+    if model.family != "sdxl":
+        return {}
+    return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
+@torch.no_grad()
+def _base_prediction(model: LoadedModel, modules: dict[str, LoRAModule], text, noisy: torch.Tensor,
+                     t: torch.Tensor, batch: Batch, keep: torch.Tensor) -> torch.Tensor:
+    """The frozen base model's prediction for an empty caption: the target of uncond preservation."""
+    with adapters_off(modules):
+        embeds, pooled = text([""] * len(t))
+        time_ids = None if batch.time_ids is None else batch.time_ids[keep]
+        dtype = model.unet.dtype
+        return model.unet(noisy.to(dtype), t, embeds.to(dtype), **_sdxl_kwargs(model, pooled, time_ids)).sample.float()
 
 
 def _snr_weight(sched, t: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
@@ -107,6 +137,22 @@ def _step_rng(cfg: TrainConfig, step: int, rank: int, device: torch.device) -> t
     return random.Random(seed), torch.Generator(device=device).manual_seed(seed)
 
 
+def _text_and_parking(cfg: TrainConfig, model: LoadedModel, data: TrainData, device: torch.device):
+    """The step's text encoding, and the frozen parts that wait in CPU memory while training on a GPU."""
+    if cfg.lora.train_text_encoder:
+        parking = Parking(model, device, vae=cfg.data.cache_latents, text=False)
+        parking.park()
+        return (lambda caps: encode_text(model, caps, cfg.model.clip_skip)), parking
+    static = not cfg.data.shuffle_tags  # every step's caption is an item's caption or ""
+    parking = Parking(model, device, vae=cfg.data.cache_latents, text=static)
+    text = TextCache(model, cfg.model.clip_skip, before_encode=parking.unpark)
+    captions = list(dict.fromkeys([item.caption for item in data.items] + [""])) if static else []
+    for i in range(0, len(captions), 64):
+        text(captions[i:i + 64])
+    parking.park()
+    return text, parking
+
+
 def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, modules: dict) -> Sample:
     s = cfg.sampling
     prompts = s.prompts
@@ -116,28 +162,6 @@ def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, module
     for i, (_, scale, img) in enumerate(pics):
         paths.append(str(save_png(img, run / "samples" / f"step-{step:06d}-p{i % len(prompts)}-w{scale:g}.png")))
     return Sample(step, paths, [p for p, _, _ in pics], [sc for _, sc, _ in pics])
-
-
-COMPILE_MIN_STEPS = 1000  # compiling the SD1.5 UNet takes ~3 min on an H100 (bench/RESULTS.md)
-
-
-def _fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total: int):
-    """The UNet callable of the training step: channels-last, compiled, CUDA-graphed as configured.
-
-    `auto` compiles on CUDA for runs of at least COMPILE_MIN_STEPS steps, where it pays for itself, and
-    adds CUDA graphs at batch sizes up to 4, where launch overhead dominates. Previews keep the plain
-    module, so compiling never touches generation.
-    """
-    perf = cfg.performance
-    if perf.channels_last == "on":  # measured no faster on an H100, so `auto` leaves it off
-        model.unet.to(memory_format=torch.channels_last)
-    if perf.compile == "off" or device.type != "cuda" and perf.compile == "auto" or \
-            perf.compile == "auto" and total < COMPILE_MIN_STEPS:
-        return model.unet
-    graphs = device.type == "cuda" and (perf.cuda_graphs == "on" or
-                                        perf.cuda_graphs == "auto" and cfg.schedule.batch_size <= 4)
-    log.info("compiling the UNet%s; the first steps are slow", " with CUDA graphs" if graphs else "")
-    return torch.compile(model.unet, mode="reduce-overhead" if graphs else "default", dynamic=False)
 
 
 def _write_failed(error: Exception, run: Path) -> str:
@@ -157,30 +181,62 @@ def _read_losses(pending: list, acc: Accelerator) -> list[tuple[int, float, floa
 
 
 class Stepper:
-    """One optimizer step: micro-batches forward and backward, gradient averaging, clipping, update."""
+    """One optimizer step: micro-batches forward and backward, gradient averaging, clipping, update.
+
+    On a GPU the whole step can run as a CUDA graph (lora_core/fast_step.py); the inputs are made by the
+    same code either way, so both paths train the same model.
+    """
 
     def __init__(self, cfg: TrainConfig, model: LoadedModel, modules: dict, data: TrainData, text,
                  opt: torch.optim.Optimizer, acc: Accelerator, total: int) -> None:
         self.cfg, self.model, self.data, self.text, self.opt, self.acc = cfg, model, data, text, opt, acc
-        self.params = lora_parameters(modules)
-        self.unet = _fast_unet(cfg, model, acc.device, total)
+        self.params, self.modules = lora_parameters(modules), modules
+        graphs = use_graphs(cfg, acc.num_processes, acc.device)
+        self.unet = fast_unet(cfg, model, acc.device, total, graphs)
         self.sched = model.noise_scheduler()
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(acc.device)
+        self.graphed = GraphedStep(self._update, opt) if graphs else None
+        if graphs:
+            make_capturable(opt)
 
     def set_lr(self, step: int, total: int) -> float:
+        factor = lr_factor(self.cfg.schedule, step, total)
         for group in self.opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_factor(self.cfg.schedule, step, total)
-        return self.opt.param_groups[0]["lr"]
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(group["initial_lr"] * factor)
+            else:
+                group["lr"] = group["initial_lr"] * factor
+        return self.opt.param_groups[0]["initial_lr"] * factor
+
+    def _micro(self, index: int) -> StepInputs:
+        acc = self.acc
+        rng, gen = _step_rng(self.cfg, index, acc.process_index, acc.device)
+        batch = self.data.batch(index * acc.num_processes + acc.process_index, rng)
+        share = self.cfg.optim.uncond_preservation
+        preserve = [rng.random() < share if share else False for _ in batch.captions]
+        with acc.autocast():
+            return _inputs(self.model, self.sched, self.cfg, batch, self.text, gen, self.modules, preserve)
+
+    def _update(self, x: StepInputs) -> torch.Tensor:
+        """Forward, backward, clipping and the optimizer update of a one-micro-batch step (graph-safe)."""
+        with step_autocast(self.acc):
+            loss = _loss(self.model, self.unet, x)
+        loss.backward()
+        if self.cfg.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm, foreach=True)
+        self.opt.step()
+        return loss.detach()
 
     def step(self, step: int) -> torch.Tensor:
         """Run optimizer step `step` (0-based); returns its mean loss as a device tensor (no host sync)."""
         cfg, acc, accum = self.cfg, self.acc, self.cfg.optim.grad_accum
+        if self.graphed:
+            return self.graphed(self._micro(step))
         loss_sum = torch.zeros((), device=acc.device)
         for micro in range(accum):
-            rng, gen = _step_rng(cfg, step * accum + micro, acc.process_index, acc.device)
-            batch = self.data.batch((step * accum + micro) * acc.num_processes + acc.process_index, rng)
+            x = self._micro(step * accum + micro)
             with acc.autocast():
-                loss = _loss(self.model, self.unet, self.sched, cfg, batch, self.text, gen) / accum
+                loss = _loss(self.model, self.unet, x) / accum
             loss.backward()
             loss_sum += loss.detach()
         ckpt.average_gradients(acc, self.params)
@@ -210,8 +266,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
     elif not cfg.sampling.prompts:
         cfg.sampling.prompts = [data.items[0].caption]
     data.warm_cache()
-    text = TextCache(model, cfg.model.clip_skip) if not cfg.lora.train_text_encoder else \
-        (lambda caps: encode_text(model, caps, cfg.model.clip_skip))
+    text, parking = _text_and_parking(cfg, model, data, acc.device)
     opt = make_optimizer(cfg, modules, acc.device)
     total = total_steps(cfg, data, acc.num_processes)
     step = ckpt.load_state(run, modules, opt) if resume else 0
@@ -227,7 +282,9 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
 
     yield emit(Started(str(run), total, step, len(data.items), str(acc.device), cfg.to_dict()))
     if main and step == 0 and cfg.sampling.prompts:
-        yield emit(_previews(0, run, cfg, model, modules))
+        with parking.back():
+            sample = _previews(0, run, cfg, model, modules)
+        yield emit(sample)
     stepper = Stepper(cfg, model, modules, data, text, opt, acc, total)
     t0, last_good, seen, start, pending = time.perf_counter(), "", 0, step, []
     every = 1 if acc.device.type == "cpu" else max(1, cfg.performance.log_every)  # loss read-backs sync the GPU
@@ -251,7 +308,9 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
                     yield emit(Step(s, loss, lr_s, round(rate, 3), round(eta, 1)))
                 pending = []
             if preview:
-                yield emit(_previews(step, run, cfg, model, modules))
+                with parking.back():
+                    sample = _previews(step, run, cfg, model, modules)
+                yield emit(sample)
             if save:
                 last_good = ckpt.save_checkpoint(run, cfg, model, modules, opt, step, data)
                 yield emit(Saved(step, last_good))
@@ -272,7 +331,10 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
             return
         yield emit(Saved(step, final, final=True))
         if cfg.sampling.prompts and not stopped:
-            yield emit(_previews(step, run, cfg, model, modules))
+            with parking.back():
+                sample = _previews(step, run, cfg, model, modules)
+            yield emit(sample)
+    parking.unpark()
     acc.wait_for_everyone()
     done = Finished(step, final, stopped=stopped, seconds=round(time.perf_counter() - t0, 2),
                     digest=ckpt.weights_digest(modules))

@@ -1,0 +1,164 @@
+"""The whole optimizer step replayed as one CUDA graph: UNet forward, loss, backward, clipping, AdamW.
+
+At small batch sizes an SD step launches thousands of short kernels and the GPU waits on the host
+between them. Capturing the complete step (not only the UNet) removes that wait without a compile.
+
+The host still does everything random or data-dependent outside the graph (batch assembly, noise,
+timesteps, text embeddings, the preservation target), with the same code as the eager step, and copies
+the results into the graph's static inputs; so a graphed run draws exactly what an eager run draws.
+Each batch shape gets its own graph after WARMUP eager steps of that shape; the graphs share one memory
+pool, which is safe because they are replayed one at a time and keep nothing in the pool between
+replays except their own loss, which is copied out at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WARMUP = 2  # eager steps of a new batch shape before it is captured (allocator, cuBLAS and autotune warm-up)
+MAX_GRAPHS = 8  # more distinct batch shapes than this run eagerly
+
+
+@dataclass
+class StepInputs:
+    """Everything the graphed part of a step reads; made on the host side by the same code for both paths."""
+
+    noisy: torch.Tensor
+    t: torch.Tensor
+    embeds: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor  # per-sample loss weight (min-SNR), ones when off
+    pooled: torch.Tensor | None = None  # SDXL
+    time_ids: torch.Tensor | None = None  # SDXL
+
+    def key(self) -> tuple:
+        return tuple(tuple(getattr(self, f.name).shape) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def clone(self) -> StepInputs:
+        return StepInputs(**{f.name: None if (v := getattr(self, f.name)) is None else v.detach().clone()
+                             for f in fields(self)})
+
+    def copy_from(self, other: StepInputs) -> None:
+        for f in fields(self):
+            if (mine := getattr(self, f.name)) is not None:
+                mine.copy_(getattr(other, f.name), non_blocking=True)
+
+
+class GraphedStep:
+    """Calls `compute(inputs) -> loss` (forward, backward and optimizer update) eagerly for the first
+    WARMUP steps of each batch shape, then captures it and replays the graph."""
+
+    def __init__(self, compute: Callable[[StepInputs], torch.Tensor], opt: torch.optim.Optimizer) -> None:
+        self.compute, self.opt = compute, opt
+        self.seen: Counter[tuple] = Counter()
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, StepInputs, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.side = torch.cuda.Stream()
+
+    def __call__(self, inputs: StepInputs) -> torch.Tensor:
+        key = inputs.key()
+        if key in self.graphs:
+            graph, static, loss = self.graphs[key]
+            static.copy_from(inputs)
+            graph.replay()
+            return loss.clone()
+        self.seen[key] += 1
+        if self.seen[key] <= WARMUP or len(self.graphs) >= MAX_GRAPHS:
+            return self._eager(inputs)
+        return self._capture(key, inputs)
+
+    def _eager(self, inputs: StepInputs) -> torch.Tensor:
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            self.opt.zero_grad(set_to_none=True)  # gradients may still point into a graph's memory
+            loss = self.compute(inputs)
+            self.opt.zero_grad(set_to_none=True)
+        torch.cuda.current_stream().wait_stream(self.side)
+        return loss
+
+    def _capture(self, key: tuple, inputs: StepInputs) -> torch.Tensor:
+        log.info("capturing the training step for batch shape %s as a CUDA graph", key[0])
+        static = inputs.clone()
+        self.opt.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients it then reads
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss = self.compute(static)
+        self.graphs[key] = (graph, static, loss)
+        graph.replay()  # capturing records without running: this is the step itself
+        return loss.clone()
+
+
+COMPILE_MIN_STEPS = 1000  # compiling the SD1.5 UNet takes ~3 min on an H100 (bench/RESULTS.md)
+
+
+def graph_blockers(cfg, processes: int) -> list[str]:
+    """Why the step of this run can't be captured as a CUDA graph (empty when it can)."""
+    why = []
+    if processes > 1:
+        why.append("several processes (gradients are averaged between them)")
+    if cfg.optim.grad_accum > 1:
+        why.append("optim.grad_accum > 1")
+    if cfg.performance.gradient_checkpointing:
+        why.append("gradient checkpointing")
+    if cfg.lora.train_text_encoder:
+        why.append("a trained text encoder (its input is tokenized on the host every step)")
+    if cfg.lora.dropout > 0:
+        why.append("lora.dropout > 0")
+    if cfg.optim.optimizer != "adamw":
+        why.append(f"optim.optimizer = {cfg.optim.optimizer}")
+    return why
+
+
+def use_graphs(cfg, processes: int, device: torch.device) -> bool:
+    """`performance.cuda_graphs`: `auto` = on a GPU at batch size 4 or less, where launch overhead dominates
+    (each batch shape keeps its activations in the graph's memory, so large batches stay eager)."""
+    mode = cfg.performance.cuda_graphs
+    if device.type != "cuda" or mode == "off":
+        return False
+    if why := graph_blockers(cfg, processes):
+        if mode == "on":
+            log.warning("performance.cuda_graphs = on is ignored for this run: %s", "; ".join(why))
+        return False
+    return mode == "on" or cfg.schedule.batch_size <= 4
+
+
+def fast_unet(cfg, model, device: torch.device, total: int, graphs: bool):
+    """The UNet callable of the training step: channels-last and compiled as configured.
+
+    `auto` compiles on CUDA for runs of at least COMPILE_MIN_STEPS steps, where it pays for itself. Under
+    a graphed step the compiled UNet runs inside the captured graph. Previews keep the plain module.
+    """
+    perf = cfg.performance
+    if perf.channels_last == "on":  # measured no faster on an H100, so `auto` leaves it off
+        model.unet.to(memory_format=torch.channels_last)
+    if perf.compile == "off" or device.type != "cuda" and perf.compile == "auto" or \
+            perf.compile == "auto" and total < COMPILE_MIN_STEPS:
+        return model.unet
+    log.info("compiling the UNet; the first steps are slow")
+    return torch.compile(model.unet, dynamic=False)
+
+
+def make_capturable(opt: torch.optim.Optimizer) -> None:
+    """Let AdamW run inside a graph: state and learning rate on the device (the lr tensor is updated in
+    place by the schedule, so a replay always sees the current value)."""
+    for group in opt.param_groups:
+        device = group["params"][0].device
+        group["capturable"] = True
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+
+
+def step_autocast(acc):
+    """The autocast of the training step; its weight cache is off, which graph capture needs."""
+    if acc.mixed_precision not in ("bf16", "fp16"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16
+    return torch.autocast(acc.device.type, dtype=dtype, cache_enabled=False)

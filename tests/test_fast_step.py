@@ -1,0 +1,101 @@
+"""The graphed training step (lora_core/fast_step.py): when it is used, and that it trains the same model
+as the eager step. The equality tests need a CUDA GPU (marker `gpu`); the policy tests run anywhere."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_core.checkpoints import _portable
+from lora_core.config import resolve
+from lora_core.dataset import write_example_dataset
+from lora_core.fast_step import graph_blockers, use_graphs
+from lora_core.trainer import train
+
+CUDA = torch.device("cuda")
+
+
+def cfg_with(*overrides):
+    return resolve(overrides=["data.dir=.", *overrides])
+
+
+def test_graphs_only_on_cuda_and_only_for_graph_safe_runs():
+    plain = cfg_with("lora.train_text_encoder=false", "schedule.batch_size=1")
+    assert not use_graphs(plain, 1, torch.device("cpu"))
+    assert use_graphs(plain, 1, CUDA)
+    assert not use_graphs(cfg_with("lora.train_text_encoder=false", "schedule.batch_size=16"), 1, CUDA)
+    assert use_graphs(cfg_with("lora.train_text_encoder=false", "schedule.batch_size=16",
+                               "performance.cuda_graphs=on"), 1, CUDA)
+    assert not use_graphs(cfg_with("lora.train_text_encoder=false", "performance.cuda_graphs=off"), 1, CUDA)
+    for extra, words in (("optim.grad_accum=2", "grad_accum"), ("lora.train_text_encoder=true", "text encoder"),
+                         ("performance.gradient_checkpointing=true", "checkpointing"),
+                         ("lora.dropout=0.1", "dropout")):
+        cfg = cfg_with("lora.train_text_encoder=false", extra)
+        assert any(words in why for why in graph_blockers(cfg, 1)), extra
+        assert not use_graphs(cfg, 1, CUDA)
+    assert graph_blockers(plain, 2) and not use_graphs(plain, 2, CUDA)
+
+
+def test_saved_optimizer_state_resumes_without_a_gpu():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    opt.param_groups[0]["lr"], opt.param_groups[0]["capturable"] = torch.tensor(2e-3), True
+    state = _portable(opt.state_dict())
+    assert state["param_groups"][0]["lr"] == pytest.approx(2e-3) and not state["param_groups"][0]["capturable"]
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, foreach=True)
+    fresh.load_state_dict(state)
+    fresh.param_groups[0]["params"][0].grad = torch.ones(3)
+    fresh.step()  # a CPU optimizer takes the state of a graphed GPU run
+
+
+def _two_shape_dataset(root: Path, size: int) -> Path:
+    """Square and wide images, so the run has two bucket shapes and captures two graphs."""
+    write_example_dataset(root, n=6, size=size)
+    for path in sorted(root.glob("*.png"))[:3]:
+        Image.open(path).resize((size * 2, size)).save(path)
+    return root
+
+
+def _losses(cfg, run: Path) -> tuple[list[float], str]:
+    out, digest = [], ""
+    for ev in train(cfg, run_dir=run):
+        assert ev.kind != "failed", ev.message
+        if ev.kind == "step":
+            out.append(ev.loss)
+        if ev.kind == "finished":
+            digest = ev.digest
+    return out, digest
+
+
+@pytest.mark.gpu
+def test_graphed_step_equals_eager_step_fp32(tmp_path, caplog):
+    data = _two_shape_dataset(tmp_path / "data", 64)
+    common = [f"data.dir={data}", "model.base=tiny:sd1", "data.resolution=64", "data.min_bucket=64",
+              "data.max_bucket=128", "data.bucket_step=64", "lora.train_text_encoder=false",
+              "performance.mixed_precision=no", "schedule.steps=30", "schedule.batch_size=1", "optim.lr=1e-3",
+              "sampling.enabled=false", "performance.log_every=1", "data.flip=true", "optim.min_snr_gamma=5",
+              "schedule.scheduler=cosine", "schedule.warmup_steps=5"]
+    eager, _ = _losses(resolve(overrides=common + ["performance.cuda_graphs=off"]), tmp_path / "eager")
+    with caplog.at_level(logging.INFO, logger="lora_core.fast_step"):
+        graphed, _ = _losses(resolve(overrides=common + ["performance.cuda_graphs=on"]), tmp_path / "graphed")
+    assert sum("capturing the training step" in r.message for r in caplog.records) == 2  # one per shape
+    assert len(eager) == len(graphed) == 30
+    # the same kernels in the same order: equal to fp32 rounding (cuBLAS may pick another algorithm)
+    assert torch.allclose(torch.tensor(graphed), torch.tensor(eager), rtol=1e-4, atol=1e-6), (eager, graphed)
+
+
+@pytest.mark.gpu
+def test_graphed_step_tracks_eager_step_bf16_sd15(tmp_path):
+    data = tmp_path / "data"
+    write_example_dataset(data, n=8, size=512)
+    common = [f"data.dir={data}", "model.base=full:sd15", "data.resolution=512", "data.buckets=false",
+              "lora.train_text_encoder=false", "lora.rank=16", "lora.alpha=16", "lora.targets=attn",
+              "schedule.steps=50", "schedule.batch_size=1", "optim.lr=1e-4", "sampling.enabled=false",
+              "performance.log_every=10", "performance.compile=off"]
+    eager, _ = _losses(resolve(overrides=common + ["performance.cuda_graphs=off"]), tmp_path / "eager")
+    graphed, _ = _losses(resolve(overrides=common + ["performance.cuda_graphs=on"]), tmp_path / "graphed")
+    e, g = torch.tensor(eager), torch.tensor(graphed)
+    assert len(e) == len(g) == 50
+    assert ((g - e).abs() / e.abs()).max() <= 0.02, (eager, graphed)
