@@ -216,10 +216,12 @@ class PerformanceConfig:
     compile: str = _f("auto", "torch.compile the UNet's training step: the first steps take a few minutes, "
                       "every later step is faster. `auto` = on a GPU for runs of 1000 steps or more.",
                       choices=AUTO_OFF_ON)
-    cuda_graphs: str = _f("auto", "Replay the compiled step as CUDA graphs to cut launch overhead (GPU "
-                          "only). `auto` = when compiling at batch size 4 or less.", choices=AUTO_OFF_ON)
-    channels_last: str = _f("auto", "Use channels-last memory format for convolutions. `auto` = off (it "
-                            "measured no faster).", choices=AUTO_OFF_ON)
+    cuda_graphs: str = _f("auto", "Capture the whole training step as a CUDA graph and replay it, so the GPU "
+                          "never waits for Python (GPU only). `auto` = whenever the run allows it (not with "
+                          "gradient checkpointing, a trained text encoder, accumulation, several processes or "
+                          "LoRA dropout).", choices=AUTO_OFF_ON)
+    channels_last: str = _f("auto", "Use channels-last memory format for convolutions. `auto` = with CUDA "
+                            "graphs, where the GPU is the bottleneck.", choices=AUTO_OFF_ON)
     device: str = _f("auto", "Where to train: `auto` = CUDA GPU if present, else CPU.",
                      choices=["auto", "cpu", "cuda"])
     log_every: int = _f(10, "Read the loss back from the GPU and report it every N steps (each read "

@@ -119,8 +119,7 @@ def graph_blockers(cfg, processes: int) -> list[str]:
 
 
 def use_graphs(cfg, processes: int, device: torch.device) -> bool:
-    """`performance.cuda_graphs`: `auto` = on a GPU at batch size 4 or less, where launch overhead dominates
-    (each batch shape keeps its activations in the graph's memory, so large batches stay eager)."""
+    """`performance.cuda_graphs`: `auto` = on a GPU whenever the step can be captured."""
     mode = cfg.performance.cuda_graphs
     if device.type != "cuda" or mode == "off":
         return False
@@ -128,7 +127,7 @@ def use_graphs(cfg, processes: int, device: torch.device) -> bool:
         if mode == "on":
             log.warning("performance.cuda_graphs = on is ignored for this run: %s", "; ".join(why))
         return False
-    return mode == "on" or cfg.schedule.batch_size <= 4
+    return True
 
 
 def fast_unet(cfg, model, device: torch.device, total: int, graphs: bool):
@@ -138,7 +137,9 @@ def fast_unet(cfg, model, device: torch.device, total: int, graphs: bool):
     a graphed step the compiled UNet runs inside the captured graph. Previews keep the plain module.
     """
     perf = cfg.performance
-    if perf.channels_last == "on":  # measured no faster on an H100, so `auto` leaves it off
+    if perf.channels_last == "on" or perf.channels_last == "auto" and graphs:
+        # cuDNN's convolutions want NHWC: with NCHW a quarter of a graphed SD1.5 step's GPU time went to
+        # layout conversions (bench/RESULTS.md); eager steps wait on the host, where it measured no faster
         model.unet.to(memory_format=torch.channels_last)
     if perf.compile == "off" or device.type != "cuda" and perf.compile == "auto" or \
             perf.compile == "auto" and total < COMPILE_MIN_STEPS:

@@ -92,8 +92,11 @@ class LoRAModule(nn.Module):
         self._original, self._merged_as = None, None
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """multiplier * scale * up(down(dropout(x))), in the LoRA dtype (fp32 unless autocast says so)."""
-        h = self.lora_up(self.lora_down(self.dropout(x.to(self.lora_down.weight.dtype))))
+        """multiplier * scale * up(down(dropout(x))): under autocast in its compute dtype (like the base,
+        without casting the activations), otherwise in the LoRA weights' dtype (fp32)."""
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)
+        h = self.lora_up(self.lora_down(self.dropout(x)))
         return h * (self.multiplier * self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
