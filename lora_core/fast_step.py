@@ -98,6 +98,7 @@ class GraphedStep:
 
 
 COMPILE_MIN_STEPS = 1000  # compiling the SD1.5 UNet takes ~3 min on an H100 (bench/RESULTS.md)
+CHANNELS_LAST_MAX_BATCH = 4  # channels-last helps graphed steps up to this batch size (bench/RESULTS.md)
 
 
 def graph_blockers(cfg, processes: int) -> list[str]:
@@ -137,9 +138,11 @@ def fast_unet(cfg, model, device: torch.device, total: int, graphs: bool):
     a graphed step the compiled UNet runs inside the captured graph. Previews keep the plain module.
     """
     perf = cfg.performance
-    if perf.channels_last == "on" or perf.channels_last == "auto" and graphs:
-        # cuDNN's convolutions want NHWC: with NCHW a quarter of a graphed SD1.5 step's GPU time went to
-        # layout conversions (bench/RESULTS.md); eager steps wait on the host, where it measured no faster
+    small = cfg.schedule.batch_size <= CHANNELS_LAST_MAX_BATCH
+    if perf.channels_last == "on" or perf.channels_last == "auto" and graphs and small:
+        # cuDNN's convolutions want NHWC: with NCHW a quarter of a graphed SD1.5 batch-1 step's GPU time
+        # went to layout conversions. Measured (bench/RESULTS.md): +9% at batch 1, +3% at batch 4, -8% at
+        # batch 16, where attention dominates; eager steps wait on the host and gain nothing.
         model.unet.to(memory_format=torch.channels_last)
     if perf.compile == "off" or device.type != "cuda" and perf.compile == "auto" or \
             perf.compile == "auto" and total < COMPILE_MIN_STEPS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from . import checkpoints as ckpt
 from .batches import Batch, TextCache, TrainData, encode_text
@@ -51,6 +53,10 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
     mp = cfg.performance.mixed_precision
     if mp == "auto":
         mp = "no" if cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps its state per process; one app process runs many trainings, each with its own
+        # device and precision, so a single-process run starts from a clean state.
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(cpu=cpu, mixed_precision="no" if cpu else mp)
 
 

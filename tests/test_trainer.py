@@ -164,3 +164,15 @@ def test_generate_weight_zero_is_the_base_image(tmp_path, data):
         outs[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
     assert np.array_equal(outs["base"], outs["w0"])
     assert not np.array_equal(outs["base"], outs["w1"])
+
+
+def test_a_second_training_in_one_process_may_change_device_and_precision(tmp_path, data):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    Accelerator(cpu=True, mixed_precision="bf16")  # what an earlier run in this app process left behind
+    cfg = resolve(overrides=[f"data.dir={data}", "model.base=tiny:sd1", *TINY, "schedule.steps=2",
+                             "sampling.enabled=false"])
+    kinds = [ev.kind for ev in train(cfg, run_dir=tmp_path / "run")]
+    assert kinds[-1] == "finished", kinds
