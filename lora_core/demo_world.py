@@ -86,14 +86,15 @@ def _contrasting(colour: str, background: str, pattern: str) -> bool:
 
 def sample_scene(rng: np.random.Generator, *, shapes: tuple[str, ...] = TRAIN_SHAPES,
                  colours: tuple[str, ...] = TRAIN_COLOURS, patterns: tuple[str, ...] = TRAIN_PATTERNS,
-                 backgrounds: tuple[str, ...] = TRAIN_COLOURS) -> Scene:
-    """A random scene over the given concepts (default: the base model's training concepts only)."""
+                 backgrounds: tuple[str, ...] = TRAIN_COLOURS, size: str | None = None) -> Scene:
+    """A random scene over the given concepts (default: the base model's training concepts only); `size`
+    fixes the size word, else it is random too."""
     while True:
         shape, colour = str(rng.choice(shapes)), str(rng.choice(colours))
         background, pattern = str(rng.choice(backgrounds)), str(rng.choice(patterns))
         if _contrasting(colour, background, pattern):
             break
-    size = str(rng.choice(list(SIZES)))
+    size = str(rng.choice(list(SIZES))) if size is None else size
     position = str(rng.choice(list(POSITIONS)))
     dx, dy = (float(v) for v in rng.uniform(-0.025, 0.025, size=2))
     radius = float(rng.uniform(*SIZES[size]))
@@ -213,14 +214,14 @@ def make_batch(n: int, seed: int, *, size: int = 64, heldout: bool = False,
 # ----------------------------------------------------------------------------- held-out concepts
 
 
-def concept_scene(rng: np.random.Generator, concept: str) -> Scene:
+def concept_scene(rng: np.random.Generator, concept: str, size: str | None = None) -> Scene:
     """A random scene showing a held-out concept, everything else from the training concepts."""
     if concept in HELDOUT["shape"]:
-        return sample_scene(rng, shapes=(concept,))
+        return sample_scene(rng, shapes=(concept,), size=size)
     if concept in HELDOUT["colour"]:
-        return sample_scene(rng, colours=(concept,))
+        return sample_scene(rng, colours=(concept,), size=size)
     if concept in HELDOUT["pattern"]:
-        return sample_scene(rng, patterns=(concept,))
+        return sample_scene(rng, patterns=(concept,), size=size)
     raise ValueError(f"unknown held-out concept {concept!r}; known: {', '.join(CONCEPTS)}")
 
 
@@ -238,8 +239,9 @@ def write_concept_examples(directory: str | Path, concept: str, n: int = 8, seed
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
+    sizes = list(SIZES)
     for i in range(n):
-        scene = concept_scene(rng, concept)
+        scene = concept_scene(rng, concept, size=sizes[i % len(sizes)])  # every size equally often
         path = out / f"{concept}_{i:02d}.png"
         render(scene).save(path, optimize=True)
         path.with_suffix(".txt").write_text(concept_caption(scene, concept, trigger) + "\n", encoding="utf-8")

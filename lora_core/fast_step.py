@@ -18,8 +18,13 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +103,18 @@ class GraphedStep:
 
 
 COMPILE_MIN_STEPS = 1000  # compiling the SD1.5 UNet takes ~3 min on an H100 (bench/RESULTS.md)
+
+
+def compiles(cfg: TrainConfig, device: torch.device, total: int) -> bool:
+    """Whether the run's UNet is torch.compiled (`performance.compile`)."""
+    mode = cfg.performance.compile
+    return mode == "on" or mode == "auto" and device.type == "cuda" and total >= COMPILE_MIN_STEPS
+
+
 CHANNELS_LAST_MAX_BATCH = 4  # channels-last helps graphed steps up to this batch size (bench/RESULTS.md)
 
 
-def graph_blockers(cfg, processes: int) -> list[str]:
+def graph_blockers(cfg: TrainConfig, processes: int) -> list[str]:
     """Why the step of this run can't be captured as a CUDA graph (empty when it can)."""
     why = []
     if processes > 1:
@@ -119,7 +132,7 @@ def graph_blockers(cfg, processes: int) -> list[str]:
     return why
 
 
-def use_graphs(cfg, processes: int, device: torch.device) -> bool:
+def use_graphs(cfg: TrainConfig, processes: int, device: torch.device) -> bool:
     """`performance.cuda_graphs`: `auto` = on a GPU whenever the step can be captured."""
     mode = cfg.performance.cuda_graphs
     if device.type != "cuda" or mode == "off":
@@ -131,7 +144,8 @@ def use_graphs(cfg, processes: int, device: torch.device) -> bool:
     return True
 
 
-def fast_unet(cfg, model, device: torch.device, total: int, graphs: bool):
+def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total: int,
+              graphs: bool) -> torch.nn.Module:
     """The UNet callable of the training step: channels-last and compiled as configured.
 
     `auto` compiles on CUDA for runs of at least COMPILE_MIN_STEPS steps, where it pays for itself. Under
@@ -144,8 +158,7 @@ def fast_unet(cfg, model, device: torch.device, total: int, graphs: bool):
         # went to layout conversions. Measured (bench/RESULTS.md): +9% at batch 1, +3% at batch 4, -8% at
         # batch 16, where attention dominates; eager steps wait on the host and gain nothing.
         model.unet.to(memory_format=torch.channels_last)
-    if perf.compile == "off" or device.type != "cuda" and perf.compile == "auto" or \
-            perf.compile == "auto" and total < COMPILE_MIN_STEPS:
+    if not compiles(cfg, device, total):
         return model.unet
     log.info("compiling the UNet; the first steps are slow")
     return torch.compile(model.unet, dynamic=False)

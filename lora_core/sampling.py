@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .export import Adapter, LayerWeights, apply_adapter, check_fits, load_adapter
+from .graphed_unet import graphed
 from .inject import remove, set_multiplier
 from .lora import LoRAModule
 from .models import LoadedModel, load_model
@@ -46,15 +48,18 @@ def cached_model(base: str, device: str = "auto") -> LoadedModel:
 
 @torch.no_grad()
 def draw(model: LoadedModel, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, guidance: float = 7.0,
-         size: int | tuple[int, int] | None = None, negative: str = "") -> list[Image.Image]:
-    """One image per prompt with the model as it is now (adapters at their current multipliers)."""
+         size: int | tuple[int, int] | None = None, negative: str = "", graphs: bool = True) -> list[Image.Image]:
+    """One image per prompt with the model as it is now (adapters at their current multipliers); on a GPU
+    the UNet is replayed from CUDA graphs unless `graphs` is False."""
     w, h = (size, size) if isinstance(size, int) else (size or (model.resolution, model.resolution))
     images = []
-    for i, prompt in enumerate(prompts):
-        g = torch.Generator(device="cpu").manual_seed(seed + i)
-        out = model.pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps,
-                         guidance_scale=guidance, width=w, height=h, generator=g, output_type="pil")
-        images.append(out.images[0])
+    replay = graphed(model.unet) if graphs and model.unet.device.type == "cuda" else nullcontext()
+    with replay:
+        for i, prompt in enumerate(prompts):
+            g = torch.Generator(device="cpu").manual_seed(seed + i)
+            out = model.pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps,
+                             guidance_scale=guidance, width=w, height=h, generator=g, output_type="pil")
+            images.append(out.images[0])
     return images
 
 

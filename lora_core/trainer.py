@@ -28,7 +28,15 @@ from .batches import Batch, TextCache, TrainData, encode_text
 from .config import TrainConfig, validate
 from .errors import TrainingError
 from .events import Event, Failed, Finished, Sample, Saved, Started, Step
-from .fast_step import GraphedStep, StepInputs, fast_unet, make_capturable, step_autocast, use_graphs
+from .fast_step import (
+    GraphedStep,
+    StepInputs,
+    compiles,
+    fast_unet,
+    make_capturable,
+    step_autocast,
+    use_graphs,
+)
 from .inject import adapters_off, inject, lora_parameters
 from .lora import LoRAModule
 from .models import LoadedModel, load_model
@@ -159,11 +167,14 @@ def _text_and_parking(cfg: TrainConfig, model: LoadedModel, data: TrainData, dev
     return text, parking
 
 
-def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, modules: dict) -> Sample:
+def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, modules: dict, total: int) -> Sample:
     s = cfg.sampling
     prompts = s.prompts
+    # graphed sampling UNet, unless graphs are switched off or the UNet is compiled (whose guards a
+    # patched forward would trip)
+    graphs = cfg.performance.cuda_graphs != "off" and not compiles(cfg, model.unet.device, total)
     pics = previews(model, modules, prompts, s.scales, seed=s.seed, steps=s.steps, guidance=s.cfg,
-                    size=s.size or cfg.data.resolution, negative=s.negative_prompt)
+                    size=s.size or cfg.data.resolution, negative=s.negative_prompt, graphs=graphs)
     paths = []
     for i, (_, scale, img) in enumerate(pics):
         paths.append(str(save_png(img, run / "samples" / f"step-{step:06d}-p{i % len(prompts)}-w{scale:g}.png")))
@@ -289,7 +300,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
     yield emit(Started(str(run), total, step, len(data.items), str(acc.device), cfg.to_dict()))
     if main and step == 0 and cfg.sampling.prompts:
         with parking.back():
-            sample = _previews(0, run, cfg, model, modules)
+            sample = _previews(0, run, cfg, model, modules, total)
         yield emit(sample)
     stepper = Stepper(cfg, model, modules, data, text, opt, acc, total)
     t0, last_good, seen, start, pending = time.perf_counter(), "", 0, step, []
@@ -315,7 +326,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
                 pending = []
             if preview:
                 with parking.back():
-                    sample = _previews(step, run, cfg, model, modules)
+                    sample = _previews(step, run, cfg, model, modules, total)
                 yield emit(sample)
             if save:
                 last_good = ckpt.save_checkpoint(run, cfg, model, modules, opt, step, data)
@@ -338,7 +349,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
         yield emit(Saved(step, final, final=True))
         if cfg.sampling.prompts and not stopped:
             with parking.back():
-                sample = _previews(step, run, cfg, model, modules)
+                sample = _previews(step, run, cfg, model, modules, total)
             yield emit(sample)
     parking.unpark()
     acc.wait_for_everyone()

@@ -1,0 +1,66 @@
+"""Where a preview's time goes (SD1.5 512, 25 steps, CFG, bf16): the pipeline with no adapter, with a
+rank-16 adapter computed alongside, with it merged; text encoding, the UNet loop alone, the VAE decode.
+Prints one JSON line of median seconds."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from lora_core.inject import inject, set_multiplier
+from lora_core.models import load_model
+
+CUDA = torch.device("cuda")
+
+
+def timed(fn, repeat: int = 5) -> float:
+    fn()
+    out = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return round(sorted(out)[len(out) // 2], 4)
+
+
+def main() -> None:
+    model = load_model("full:sd15", device=CUDA)
+    pipe = model.pipe
+    pipe.to(dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle on a white background"
+
+    def run(output_type: str = "pil") -> None:
+        pipe(prompt=prompt, num_inference_steps=25, guidance_scale=7.0, width=512, height=512,
+             generator=torch.Generator().manual_seed(0), output_type=output_type)
+
+    res = {"no_adapter": timed(run), "no_adapter_latent": timed(lambda: run("latent"))}
+    x = torch.randn(2, 4, 64, 64, device=CUDA, dtype=torch.bfloat16)
+    emb = torch.randn(2, 77, 768, device=CUDA, dtype=torch.bfloat16)
+    t = torch.tensor(500, device=CUDA)
+    with torch.no_grad():
+        res["unet_25_calls"] = timed(lambda: [model.unet(x, t, emb) for _ in range(25)])
+        res["vae_decode"] = timed(lambda: pipe.vae.decode(x[:1] / 0.18215))
+        res["text_encode"] = timed(lambda: pipe.encode_prompt(prompt, CUDA, 1, True))
+    modules = inject(model.unet, model.text_encoders, model.family, targets="attn", rank=16, alpha=16)
+    for m in modules.values():
+        torch.nn.init.normal_(m.lora_up.weight, std=1e-3)
+    res["adapter_unmerged"] = timed(run)
+    with torch.no_grad():
+        res["unet_25_calls_adapter"] = timed(lambda: [model.unet(x, t, emb) for _ in range(25)])
+    for m in modules.values():
+        m.merge()
+    res["adapter_merged"] = timed(run)
+    for m in modules.values():
+        m.unmerge()
+    set_multiplier(modules, 0.0)
+    res["adapter_at_0"] = timed(run)
+    print(json.dumps({"preview_parts": res}))
+
+
+if __name__ == "__main__":
+    main()

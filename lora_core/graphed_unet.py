@@ -1,0 +1,95 @@
+"""Sampling with the UNet replayed from CUDA graphs: a preview's 25 denoising steps stop waiting on Python.
+
+An eager SD1.5 UNet call launches hundreds of small kernels and on an H100 spends most of its time in
+the host (bench/RESULTS.md). `graphed(unet)` replaces the module's forward, for the length of a `with`
+block, by one that captures a graph per input shape and adapter state and replays it. The graph reads
+the weights where they live, so LoRA weights trained in place between previews are seen; a change of
+storage (a `.to()`, channels-last) or of any adapter multiplier gives a new key and a new capture.
+Calls the graph cannot stand for (training mode, extra arguments) run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from .lora import LoRAModule
+
+log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 4  # per UNet: shapes x adapter states kept; the least recently used is dropped
+
+
+class GraphedUNet:
+    """Graph cache of one UNet's inference forward."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+        self.adapters = [m for m in unet.modules() if isinstance(m, LoRAModule)]
+        self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = OrderedDict()
+        self.pool = None
+
+    def _eager(self, *args, **kwargs):
+        return type(self.unet).forward(self.unet, *args, **kwargs)
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
+                added_cond_kwargs: dict | None = None, return_dict: bool = True, **extra):
+        if self.unet.training or any(v is not None for v in extra.values()) or sample.device.type != "cuda":
+            return self._eager(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs,
+                               return_dict=return_dict, **extra)
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor(timestep, device=sample.device)
+        names = sorted(added_cond_kwargs or {})
+        inputs = [sample, timestep.to(sample.device), encoder_hidden_states, *(added_cond_kwargs[n] for n in names)]
+        key = (tuple((x.shape, x.dtype) for x in inputs), tuple(names),
+               tuple((m.multiplier, m.merged) for m in self.adapters),
+               tuple(p.data_ptr() for p in self.unet.parameters()))
+        if key not in self.graphs:
+            self._capture(key, inputs, names)
+        self.graphs.move_to_end(key)
+        graph, static, out = self.graphs[key]
+        for buf, x in zip(static, inputs, strict=True):
+            buf.copy_(x)
+        graph.replay()
+        result = out.clone()
+        return (result,) if not return_dict else UNet2DConditionOutput(sample=result)
+
+    def _capture(self, key: tuple, inputs: list[torch.Tensor], names: list[str]) -> None:
+        static = [x.clone() for x in inputs]
+
+        def run() -> torch.Tensor:
+            added = dict(zip(names, static[3:], strict=True)) or None
+            return self._eager(static[0], static[1], static[2], added_cond_kwargs=added, return_dict=False)[0]
+
+        log.info("capturing the sampling UNet for %s", tuple(inputs[0].shape))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(side):
+            run()  # warm-up: cuDNN/cuBLAS choices and allocations happen outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
+            out = run()
+        self.pool = graph.pool()
+        while len(self.graphs) >= MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        self.graphs[key] = (graph, static, out)
+
+
+@contextmanager
+def graphed(unet: torch.nn.Module) -> Iterator[None]:
+    """Within the block, `unet(...)` replays CUDA graphs (kept across blocks for the same UNet)."""
+    g = unet.__dict__.get("_graphed_sampling")
+    if g is None or {id(m) for m in g.adapters} != {id(m) for m in unet.modules() if isinstance(m, LoRAModule)}:
+        g = GraphedUNet(unet)  # first use, or adapters injected or removed since: start afresh
+        unet.__dict__["_graphed_sampling"] = g
+    unet.forward = g.forward
+    try:
+        yield
+    finally:
+        del unet.forward
