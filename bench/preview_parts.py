@@ -1,5 +1,6 @@
 """Where a preview's time goes (SD1.5 512, 25 steps, CFG, bf16): the pipeline with no adapter, with a
-rank-16 adapter computed alongside, with it merged; text encoding, the UNet loop alone, the VAE decode.
+rank-16 adapter computed alongside, with it merged, with the UNet replayed from CUDA graphs (also in
+channels-last); text encoding, the eager UNet loop alone, the VAE decode.
 Prints one JSON line of median seconds."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import time
 
 import torch
 
+from lora_core.graphed_unet import graphed
 from lora_core.inject import inject, set_multiplier
 from lora_core.models import load_model
 
@@ -39,6 +41,9 @@ def main() -> None:
              generator=torch.Generator().manual_seed(0), output_type=output_type)
 
     res = {"no_adapter": timed(run), "no_adapter_latent": timed(lambda: run("latent"))}
+    with graphed(model.unet):
+        res["no_adapter_graphed"] = timed(run)
+        res["no_adapter_graphed_latent"] = timed(lambda: run("latent"))
     x = torch.randn(2, 4, 64, 64, device=CUDA, dtype=torch.bfloat16)
     emb = torch.randn(2, 77, 768, device=CUDA, dtype=torch.bfloat16)
     t = torch.tensor(500, device=CUDA)
@@ -50,6 +55,12 @@ def main() -> None:
     for m in modules.values():
         torch.nn.init.normal_(m.lora_up.weight, std=1e-3)
     res["adapter_unmerged"] = timed(run)
+    with graphed(model.unet):
+        res["adapter_graphed"] = timed(run)
+    model.unet.to(memory_format=torch.channels_last)
+    with graphed(model.unet):
+        res["adapter_graphed_channels_last"] = timed(run)
+    model.unet.to(memory_format=torch.contiguous_format)
     with torch.no_grad():
         res["unet_25_calls_adapter"] = timed(lambda: [model.unet(x, t, emb) for _ in range(25)])
     for m in modules.values():

@@ -92,11 +92,17 @@ class LoRAModule(nn.Module):
         self._original, self._merged_as = None, None
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """multiplier * scale * up(down(dropout(x))): under autocast in its compute dtype (like the base,
-        without casting the activations), otherwise in the LoRA weights' dtype (fp32)."""
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_down.weight.dtype)
-        h = self.lora_up(self.lora_down(self.dropout(x)))
+        """multiplier * scale * up(down(dropout(x))), in the dtype the base computes in: under autocast its
+        compute dtype; for a half-precision base without autocast (sampling on a GPU) the activations'
+        dtype; otherwise the LoRA weights' dtype (fp32). The activations are never cast: they are large,
+        the adapter's weights are small."""
+        if torch.is_autocast_enabled(x.device.type):
+            h = self.lora_up(self.lora_down(self.dropout(x)))
+        elif x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cuda":
+            with torch.autocast("cuda", dtype=x.dtype):
+                h = self.lora_up(self.lora_down(self.dropout(x)))
+        else:
+            h = self.lora_up(self.lora_down(self.dropout(x.to(self.lora_down.weight.dtype))))
         return h * (self.multiplier * self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

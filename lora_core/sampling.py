@@ -41,6 +41,7 @@ def cached_model(base: str, device: str = "auto") -> LoadedModel:
         model = load_model(base, device=dev)
         if dev.type == "cuda":
             model.pipe.to(dtype=torch.bfloat16)
+            model.unet.to(memory_format=torch.channels_last)  # cuDNN's layout: ~10% faster sampling
         _models.clear()  # keep one base in memory
         _models[key] = model
     return _models[key]

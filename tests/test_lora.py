@@ -91,3 +91,17 @@ def test_bf16_base_fp32_lora_and_frozen_base():
     lora.unmerge()
     assert torch.equal(lora.base.weight, original)
     assert lora(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_half_precision_base_computes_the_adapter_in_its_own_dtype():
+    """Sampling on a GPU: a bf16 base with fp32 adapter weights, no autocast; the adapter computes in bf16
+    (no fp32 copies of the activations) and matches the fp32 adapter to bf16 precision."""
+    for lora, x in _layers():
+        _nonzero(lora).cuda()
+        x = x.cuda()
+        expected = lora(x)
+        lora.base.to(torch.bfloat16)
+        out = lora(x.to(torch.bfloat16))
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
