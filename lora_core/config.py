@@ -221,7 +221,7 @@ class PerformanceConfig:
                           "gradient checkpointing, a trained text encoder, accumulation, several processes or "
                           "LoRA dropout).", choices=AUTO_OFF_ON)
     channels_last: str = _f("auto", "Use channels-last memory format for convolutions. `auto` = with CUDA "
-                            "graphs at batch size 4 or less, where it measured faster.", choices=AUTO_OFF_ON)
+                            "graphs for small batches (up to 4 at 512 px, 1 at 1024 px), where it measured faster.", choices=AUTO_OFF_ON)
     device: str = _f("auto", "Where to train: `auto` = CUDA GPU if present, else CPU.",
                      choices=["auto", "cpu", "cuda"])
     log_every: int = _f(10, "Read the loss back from the GPU and report it every N steps (each read "

@@ -111,7 +111,9 @@ def compiles(cfg: TrainConfig, device: torch.device, total: int) -> bool:
     return mode == "on" or mode == "auto" and device.type == "cuda" and total >= COMPILE_MIN_STEPS
 
 
-CHANNELS_LAST_MAX_BATCH = 4  # channels-last helps graphed steps up to this batch size (bench/RESULTS.md)
+# channels-last helps graphed steps up to this many latent pixels per batch (batch x (resolution / 8)^2):
+# SD1.5 512 at batch 4, SDXL 1024 at batch 1 (bench/RESULTS.md)
+CHANNELS_LAST_MAX_LATENT = 4 * 64 * 64
 
 
 def graph_blockers(cfg: TrainConfig, processes: int) -> list[str]:
@@ -138,8 +140,8 @@ def use_graphs(cfg: TrainConfig, processes: int, device: torch.device) -> bool:
     if device.type != "cuda" or mode == "off":
         return False
     if why := graph_blockers(cfg, processes):
-        if mode == "on":
-            log.warning("performance.cuda_graphs = on is ignored for this run: %s", "; ".join(why))
+        level = logging.WARNING if mode == "on" else logging.INFO
+        log.log(level, "the training step runs without CUDA graphs (slower): %s", "; ".join(why))
         return False
     return True
 
@@ -152,11 +154,12 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total:
     a graphed step the compiled UNet runs inside the captured graph. Previews keep the plain module.
     """
     perf = cfg.performance
-    small = cfg.schedule.batch_size <= CHANNELS_LAST_MAX_BATCH
+    small = cfg.schedule.batch_size * (cfg.data.resolution // 8) ** 2 <= CHANNELS_LAST_MAX_LATENT
     if perf.channels_last == "on" or perf.channels_last == "auto" and graphs and small:
         # cuDNN's convolutions want NHWC: with NCHW a quarter of a graphed SD1.5 batch-1 step's GPU time
-        # went to layout conversions. Measured (bench/RESULTS.md): +9% at batch 1, +3% at batch 4, -8% at
-        # batch 16, where attention dominates; eager steps wait on the host and gain nothing.
+        # went to layout conversions. Measured (bench/RESULTS.md): SD1.5 +9% at batch 1, +3% at batch 4,
+        # -8% at batch 16; SDXL +7% at batch 1, -7% at batch 4: large batches are bound by attention.
+        # Eager steps wait on the host and gain nothing.
         model.unet.to(memory_format=torch.channels_last)
     if not compiles(cfg, device, total):
         return model.unet
