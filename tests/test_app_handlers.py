@@ -217,7 +217,7 @@ def test_form_values_are_parsed_and_checked() -> None:
 
 def test_preset_fills_the_form_but_keeps_the_trigger_word(ctx: AppContext) -> None:
     values = dict(zip(train_tab.preset_keys(ctx), train_tab.apply_preset(ctx, "quick-demo"), strict=True))
-    assert values["model.base"] == "demo" and values["schedule.steps"] == 150
+    assert values["model.base"] == "demo" and values["schedule.steps"] == 500
     assert "data.trigger_word" not in values
 
 
@@ -344,7 +344,7 @@ def test_base_model_paths_must_be_allowed(ctx: AppContext, tmp_path: Path) -> No
 
 def test_estimate_says_it_is_rough(ctx: AppContext) -> None:
     text = train_tab.estimate_run(ctx, **params(preset_config("quick-demo")))
-    assert "Rough estimate" in text and "150 steps" in text and "GiB" in text
+    assert "Rough estimate" in text and "500 steps" in text and "GiB" in text
     assert "Fix these settings" in train_tab.estimate_run(ctx, **params(lora_rank=0))
 
 

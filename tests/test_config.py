@@ -31,7 +31,7 @@ def test_expected_presets_exist():
     expected = {"quick-demo", "character-sd15", "style-sd15", "character-sdxl", "style-sdxl", "low-vram"}
     assert expected <= set(config.list_presets())
     demo = config.resolve(preset="quick-demo")
-    assert (demo.model.base, demo.data.resolution, demo.lora.rank) == ("demo", 64, 8)
+    assert (demo.model.base, demo.data.resolution, demo.lora.rank) == ("demo", 64, 16)
     low = config.resolve(preset="low-vram")
     assert low.performance.gradient_checkpointing and low.schedule.batch_size == 1
     assert low.performance.mixed_precision == "fp16"

@@ -48,9 +48,10 @@ def add_files(ctx: AppContext, files: list[str] | None, **data: Any) -> View:
 
 
 def example_names() -> list[str]:
-    """Bundled example datasets (assets/examples/*, `star` first), then the generated one."""
+    """Bundled example datasets (assets/examples/*, `heart` first: the quick-demo preset learns it best),
+    then the generated one."""
     bundled = sorted(p.name for p in EXAMPLES_DIR.iterdir() if p.is_dir()) if EXAMPLES_DIR.is_dir() else []
-    return sorted(bundled, key=lambda n: n != "star") + [GENERATED_EXAMPLE]
+    return sorted(bundled, key=lambda n: n != "heart") + [GENERATED_EXAMPLE]
 
 
 def _add_files_ui(ctx: AppContext, files: list[str] | None, **data: Any) -> tuple[Any, ...]:
