@@ -28,6 +28,7 @@ from .dataset import (
     scan,
 )
 from .models import LoadedModel
+from .text_ids import encode_text
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +111,6 @@ class TrainData:
                                         dropout=d.caption_dropout, rng=rng))
         time_ids = torch.tensor(np.array(sizes, dtype=np.float32), device=self.device)
         return Batch(torch.stack(lats), caps, time_ids)
-
-
-def encode_text(model: LoadedModel, captions: list[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt embeddings exactly as the pipeline computes them at generation time (and pooled for SDXL)."""
-    pipe, device = model.pipe, model.unet.device
-    skip = clip_skip - 1 if clip_skip > 1 else None  # ours: 1 = last layer (A1111); diffusers: layers skipped
-    if model.family == "sdxl":
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False, clip_skip=skip)
-        return embeds, pooled
-    embeds, _ = pipe.encode_prompt(captions, device, 1, False, clip_skip=skip)
-    return embeds, None
 
 
 class TextCache:

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from . import checkpoints as ckpt
-from .batches import Batch, TextCache, TrainData, encode_text
+from .batches import Batch, TextCache, TrainData
 from .config import TrainConfig, validate
 from .errors import TrainingError
 from .events import Event, Failed, Finished, Sample, Saved, Started, Step
@@ -43,6 +43,7 @@ from .models import LoadedModel, load_model
 from .optim import lr_factor, make_optimizer
 from .parking import Parking
 from .sampling import previews, save_png
+from .text_ids import encode_text
 
 log = logging.getLogger(__name__)
 

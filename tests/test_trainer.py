@@ -176,3 +176,11 @@ def test_a_second_training_in_one_process_may_change_device_and_precision(tmp_pa
                              "sampling.enabled=false"])
     kinds = [ev.kind for ev in train(cfg, run_dir=tmp_path / "run")]
     assert kinds[-1] == "finished", kinds
+
+
+@pytest.mark.parametrize("te", ["true", "false"])
+def test_clip_skip_2_trains(tmp_path, data, te):
+    cfg = resolve(overrides=[f"data.dir={data}", "model.base=tiny:sd1", *TINY, "schedule.steps=2", "model.clip_skip=2",
+                             f"lora.train_text_encoder={te}", "sampling.enabled=false"])
+    kinds = [ev.kind for ev in train(cfg, run_dir=tmp_path / "run")]
+    assert kinds[-1] == "finished", kinds
