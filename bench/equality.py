@@ -1,6 +1,7 @@
 """Fast path vs plain eager path on the GPU: per-step losses of 50 bf16 SD1.5 steps for each switch.
 
-Usage: python bench/equality.py OUT.json   (prints max relative difference of each variant to eager)
+Usage: python bench/equality.py OUT.json [--te]   (prints max relative difference of each variant to eager;
+--te trains the text-encoder LoRA too, which the graphed step then encodes inside the graph)
 """
 
 import json
@@ -31,11 +32,11 @@ def losses(overrides: list[str], run: Path) -> list[float]:
     return out
 
 
-def main(dest: str) -> None:
+def main(dest: str, te: bool) -> None:
     root = Path(tempfile.mkdtemp())
     write_example_dataset(root / "data", n=8, size=512)
     common = [f"data.dir={root / 'data'}", "model.base=full:sd15", "data.resolution=512", "data.buckets=false",
-              "lora.train_text_encoder=false", "lora.rank=16", "lora.alpha=16", "lora.targets=attn",
+              f"lora.train_text_encoder={str(te).lower()}", "lora.rank=16", "lora.alpha=16", "lora.targets=attn",
               "schedule.steps=50", "schedule.batch_size=1", "optim.lr=1e-4", "sampling.enabled=false",
               "performance.log_every=10", "performance.compile=off"]
     res = {name: losses(common + extra, root / name) for name, extra in VARIANTS.items()}
@@ -46,4 +47,4 @@ def main(dest: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--te" in sys.argv[2:])

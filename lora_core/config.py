@@ -218,7 +218,7 @@ class PerformanceConfig:
                       choices=AUTO_OFF_ON)
     cuda_graphs: str = _f("auto", "Capture the whole training step as a CUDA graph and replay it, so the GPU "
                           "never waits for Python (GPU only). `auto` = whenever the run allows it (not with "
-                          "gradient checkpointing, a trained text encoder, accumulation, several processes or "
+                          "gradient checkpointing, accumulation, several processes or "
                           "LoRA dropout).", choices=AUTO_OFF_ON)
     channels_last: str = _f("auto", "Use channels-last memory format for convolutions. `auto` = with CUDA "
                             "graphs for small batches (up to 4 at 512 px, 1 at 1024 px), where it measured faster.", choices=AUTO_OFF_ON)

@@ -38,11 +38,13 @@ class StepInputs:
 
     noisy: torch.Tensor
     t: torch.Tensor
-    embeds: torch.Tensor
+    embeds: torch.Tensor | None  # None when the text encoder is trained: the step encodes `ids` itself
     target: torch.Tensor
     weight: torch.Tensor  # per-sample loss weight (min-SNR), ones when off
     pooled: torch.Tensor | None = None  # SDXL
     time_ids: torch.Tensor | None = None  # SDXL
+    ids: torch.Tensor | None = None  # token ids of a trained text encoder
+    ids_2: torch.Tensor | None = None  # and of SDXL's second one
 
     def key(self) -> tuple:
         return tuple(tuple(getattr(self, f.name).shape) for f in fields(self) if getattr(self, f.name) is not None)
@@ -125,8 +127,6 @@ def graph_blockers(cfg: TrainConfig, processes: int) -> list[str]:
         why.append("optim.grad_accum > 1")
     if cfg.performance.gradient_checkpointing:
         why.append("gradient checkpointing")
-    if cfg.lora.train_text_encoder:
-        why.append("a trained text encoder (its input is tokenized on the host every step)")
     if cfg.lora.dropout > 0:
         why.append("lora.dropout > 0")
     if cfg.optim.optimizer != "adamw":

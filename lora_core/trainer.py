@@ -43,7 +43,7 @@ from .models import LoadedModel, load_model
 from .optim import lr_factor, make_optimizer
 from .parking import Parking
 from .sampling import previews, save_png
-from .text_ids import encode_text
+from .text_ids import encode_ids, encode_text, token_ids
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,9 @@ def _inputs(model: LoadedModel, sched, cfg: TrainConfig, batch: Batch, text, gen
         noise += cfg.optim.noise_offset * torch.randn((*lat.shape[:2], 1, 1), generator=gen, device=lat.device)
     t = torch.randint(0, sched.config.num_train_timesteps, (lat.shape[0],), generator=gen, device=lat.device)
     noisy = sched.add_noise(lat, noise, t)
-    embeds, pooled = text(["" if p else c for c, p in zip(batch.captions, preserve, strict=True)])
+    captions = ["" if p else c for c, p in zip(batch.captions, preserve, strict=True)]
+    ids = token_ids(model, captions, lat.device) if cfg.lora.train_text_encoder else None
+    embeds, pooled = (None, None) if ids else text(captions)  # a trained encoder runs inside the step
     target = noise if model.prediction_type == "epsilon" else sched.get_velocity(lat, noise, t)
     if any(preserve):
         keep = torch.tensor(preserve, device=lat.device)
@@ -111,13 +113,18 @@ def _inputs(model: LoadedModel, sched, cfg: TrainConfig, batch: Batch, text, gen
     weight = _snr_weight(sched, t, cfg.optim.min_snr_gamma, model.prediction_type) if cfg.optim.min_snr_gamma > 0 \
         else torch.ones(len(t), device=lat.device)
     dtype = model.unet.dtype
-    return StepInputs(noisy.to(dtype), t, embeds.to(dtype), target, weight, pooled,
-                      batch.time_ids if model.family == "sdxl" else None)
+    return StepInputs(noisy.to(dtype), t, None if embeds is None else embeds.to(dtype), target, weight, pooled,
+                      batch.time_ids if model.family == "sdxl" else None, *(ids or [None]))
 
 
-def _loss(model: LoadedModel, unet, x: StepInputs) -> torch.Tensor:
-    """Diffusion loss of one micro-batch: predict with `unet` (maybe compiled), weighted MSE."""
-    pred = unet(x.noisy, x.t, x.embeds, **_sdxl_kwargs(model, x.pooled, x.time_ids)).sample.float()
+def _loss(model: LoadedModel, unet, x: StepInputs, clip_skip: int = 1) -> torch.Tensor:
+    """Diffusion loss of one micro-batch: encode the captions if the text encoder is trained, predict with
+    `unet` (maybe compiled), weighted MSE."""
+    embeds, pooled = x.embeds, x.pooled
+    if embeds is None:
+        embeds, pooled = encode_ids(model, [i for i in (x.ids, x.ids_2) if i is not None], clip_skip)
+        embeds = embeds.to(model.unet.dtype)
+    pred = unet(x.noisy, x.t, embeds, **_sdxl_kwargs(model, pooled, x.time_ids)).sample.float()
     loss = F.mse_loss(pred, x.target, reduction="none").mean(dim=(1, 2, 3))
     return (loss * x.weight).mean()
 
@@ -238,7 +245,7 @@ class Stepper:
     def _update(self, x: StepInputs) -> torch.Tensor:
         """Forward, backward, clipping and the optimizer update of a one-micro-batch step (graph-safe)."""
         with step_autocast(self.acc):
-            loss = _loss(self.model, self.unet, x)
+            loss = _loss(self.model, self.unet, x, self.cfg.model.clip_skip)
         loss.backward()
         if self.cfg.optim.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm, foreach=True)
@@ -254,7 +261,7 @@ class Stepper:
         for micro in range(accum):
             x = self._micro(step * accum + micro)
             with acc.autocast():
-                loss = _loss(self.model, self.unet, x) / accum
+                loss = _loss(self.model, self.unet, x, cfg.model.clip_skip) / accum
             loss.backward()
             loss_sum += loss.detach()
         ckpt.average_gradients(acc, self.params)

@@ -27,7 +27,8 @@ def test_graphs_only_on_cuda_and_only_for_graph_safe_runs():
     assert use_graphs(plain, 1, CUDA)
     assert use_graphs(cfg_with("lora.train_text_encoder=false", "schedule.batch_size=16"), 1, CUDA)
     assert not use_graphs(cfg_with("lora.train_text_encoder=false", "performance.cuda_graphs=off"), 1, CUDA)
-    for extra, words in (("optim.grad_accum=2", "grad_accum"), ("lora.train_text_encoder=true", "text encoder"),
+    assert use_graphs(cfg_with("lora.train_text_encoder=true"), 1, CUDA)  # the encoder runs inside the graph
+    for extra, words in (("optim.grad_accum=2", "grad_accum"),
                          ("performance.gradient_checkpointing=true", "checkpointing"),
                          ("lora.dropout=0.1", "dropout")):
         cfg = cfg_with("lora.train_text_encoder=false", extra)
@@ -68,10 +69,12 @@ def _losses(cfg, run: Path) -> tuple[list[float], str]:
 
 
 @pytest.mark.gpu
-def test_graphed_step_equals_eager_step_fp32(tmp_path, caplog):
+@pytest.mark.parametrize(("base", "te"), [("tiny:sd1", "false"), ("tiny:sd1", "true"), ("tiny:sdxl", "true")])
+def test_graphed_step_equals_eager_step_fp32(tmp_path, caplog, base, te):
     data = _two_shape_dataset(tmp_path / "data", 64)
-    common = [f"data.dir={data}", "model.base=tiny:sd1", "data.resolution=64", "data.min_bucket=32",
-              "data.max_bucket=96", "data.bucket_step=32", "lora.train_text_encoder=false",
+    common = [f"data.dir={data}", f"model.base={base}", "data.resolution=64", "data.min_bucket=32",
+              "data.max_bucket=96", "data.bucket_step=32", f"lora.train_text_encoder={te}",
+              "data.caption_dropout=0.2", "optim.uncond_preservation=0.2",
               "performance.mixed_precision=no", "schedule.steps=30", "schedule.batch_size=1", "optim.lr=1e-3",
               "sampling.enabled=false", "performance.log_every=1", "data.flip=true", "optim.min_snr_gamma=5",
               "schedule.scheduler=cosine", "schedule.warmup_steps=5"]
@@ -80,8 +83,11 @@ def test_graphed_step_equals_eager_step_fp32(tmp_path, caplog):
         graphed, _ = _losses(resolve(overrides=common + ["performance.cuda_graphs=on"]), tmp_path / "graphed")
     assert sum("capturing the training step" in r.message for r in caplog.records) == 2  # one per shape
     assert len(eager) == len(graphed) == 30
-    # the same kernels in the same order: equal to fp32 rounding (cuBLAS may pick another algorithm)
-    assert torch.allclose(torch.tensor(graphed), torch.tensor(eager), rtol=1e-4, atol=1e-6), (eager, graphed)
+    # the same kernels in the same order: equal to fp32 rounding (cuBLAS may pick another algorithm on the
+    # graph's stream), which 30 updates of every adapter grow to about 1e-4
+    g, e = torch.tensor(graphed), torch.tensor(eager)
+    worst = float(((g - e).abs() / (e.abs() + 1e-4)).max())
+    assert worst <= 1e-3, (worst, eager, graphed)
 
 
 @pytest.mark.gpu
