@@ -48,7 +48,7 @@ class GraphedUNet:
         inputs = [sample, timestep.to(sample.device), encoder_hidden_states, *(added_cond_kwargs[n] for n in names)]
         key = (tuple((x.shape, x.dtype) for x in inputs), tuple(names),
                tuple((m.multiplier, m.merged) for m in self.adapters),
-               tuple(p.data_ptr() for p in self.unet.parameters()))
+               tuple((p.data_ptr(), p.shape) for p in self.unet.parameters()))
         if key not in self.graphs:
             self._capture(key, inputs, names)
         self.graphs.move_to_end(key)
