@@ -44,7 +44,7 @@ def _out_path(out: str) -> Path:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .export import merge_into_checkpoint
+    from .adapter_ops import merge_into_checkpoint
     from .models import load_model
     from .singlefile import save_single_file
 
@@ -61,7 +61,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    from .export import load_adapter, resize_adapter, save_adapter
+    from .adapter_ops import resize_adapter
+    from .export import load_adapter, save_adapter
 
     out = _out_path(args.out)
     adapter = load_adapter(args.file)
@@ -75,7 +76,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_loras(args: argparse.Namespace) -> int:
-    from .export import merge_adapters, save_adapter
+    from .adapter_ops import merge_adapters
+    from .export import save_adapter
 
     out = _out_path(args.out)
     if args.mode == "svd" and not args.rank:

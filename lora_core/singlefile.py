@@ -280,7 +280,7 @@ def checkpoint_tensors(model: LoadedModel) -> dict[str, torch.Tensor]:
     roots = [model.unet, *model.text_encoders]
     if any(isinstance(m, LoRAModule) for root in roots for m in root.modules()):
         raise ModelError(f"'{model.name}' carries injected LoRA layers. Fold adapters in with "
-                         "export.merge_into_checkpoint, or remove them, before writing a checkpoint.")
+                         "adapter_ops.merge_into_checkpoint, or remove them, before writing a checkpoint.")
     out: dict[str, torch.Tensor] = {}
     for component, scheme, prefix in PREFIXES[model.family]:
         module = getattr(model.pipe, component)

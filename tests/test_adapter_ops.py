@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 from lora_core import cli_tools
+from lora_core.adapter_ops import merge_adapters, merge_into_checkpoint, resize_adapter
 from lora_core.errors import AdapterError, LoraStudioError
 from lora_core.export import (
     Adapter,
@@ -14,9 +15,6 @@ from lora_core.export import (
     apply_adapter,
     build_metadata,
     load_adapter,
-    merge_adapters,
-    merge_into_checkpoint,
-    resize_adapter,
     save_adapter,
     tensor_data_hash,
 )
