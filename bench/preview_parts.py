@@ -1,6 +1,6 @@
 """Where a preview's time goes (SD1.5 512, 25 steps, CFG, bf16): the pipeline with no adapter, with a
 rank-16 adapter computed alongside, with it merged, with the UNet replayed from CUDA graphs (also in
-channels-last); text encoding, the eager UNet loop alone, the VAE decode.
+channels-last, and with each attention backend forced), two images in one call; text encoding, the eager UNet loop alone, the VAE decode.
 Prints one JSON line of median seconds."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lora_core.graphed_unet import graphed
 from lora_core.inject import inject, set_multiplier
@@ -66,6 +67,21 @@ def main() -> None:
     for m in modules.values():
         m.merge()
     res["adapter_merged"] = timed(run)
+    with graphed(model.unet):
+        res["adapter_merged_graphed"] = timed(run)
+    model.unet.to(memory_format=torch.channels_last)
+    with graphed(model.unet):
+        res["adapter_merged_graphed_channels_last"] = timed(run)
+    for name in ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "FLASH_ATTENTION"):
+        model.unet.__dict__.pop("_graphed_sampling", None)  # a new capture under the forced backend
+        with graphed(model.unet), sdpa_kernel(getattr(SDPBackend, name)):
+            res[f"adapter_merged_graphed_channels_last_{name.lower()}"] = timed(run)
+    model.unet.__dict__.pop("_graphed_sampling", None)
+    with graphed(model.unet):
+        res["two_images_one_call_per_image"] = round(timed(lambda: pipe(
+            prompt=[prompt, prompt], num_inference_steps=25, guidance_scale=7.0, width=512, height=512,
+            generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])) / 2, 4)
+    model.unet.to(memory_format=torch.contiguous_format)
     for m in modules.values():
         m.unmerge()
     set_multiplier(modules, 0.0)
