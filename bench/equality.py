@@ -16,10 +16,12 @@ from lora_core.dataset import write_example_dataset
 from lora_core.trainer import train
 
 VARIANTS = {
-    "eager": ["performance.cuda_graphs=off", "performance.channels_last=off"],
-    "eager_cl": ["performance.cuda_graphs=off", "performance.channels_last=on"],
-    "graphed_nocl": ["performance.cuda_graphs=on", "performance.channels_last=off"],
-    "graphed": ["performance.cuda_graphs=on", "performance.channels_last=on"],
+    "eager": ["performance.cuda_graphs=off", "performance.channels_last=off", "performance.attention=torch"],
+    "eager_cl": ["performance.cuda_graphs=off", "performance.channels_last=on", "performance.attention=torch"],
+    "eager_cudnn": ["performance.cuda_graphs=off", "performance.channels_last=off", "performance.attention=cudnn"],
+    "graphed_nocl": ["performance.cuda_graphs=on", "performance.channels_last=off", "performance.attention=torch"],
+    "graphed": ["performance.cuda_graphs=on", "performance.channels_last=on", "performance.attention=torch"],
+    "fast": ["performance.cuda_graphs=on", "performance.channels_last=on", "performance.attention=cudnn"],
 }
 
 

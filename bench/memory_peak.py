@@ -1,6 +1,6 @@
 """What is live on the GPU at a training run's peak: the real loop (`lora_core.trainer.train`) with
-allocator history recorded, then the allocations alive at the highest point after training started,
-grouped by the Python line that made them. Prints a table; `--json` writes the groups too.
+allocator history recorded, then the allocations alive at the highest point between the start of
+training and its last step, grouped by the Python line that made them. Prints a table; `--json` writes the groups too.
 
   python bench/memory_peak.py --model full:sd15 --gc [--batch 1] [--set key=value ...]
 """
@@ -33,12 +33,12 @@ def _where(frames: list[dict]) -> str:
     return f"{py[0]['filename'].split('site-packages/')[-1]}:{py[0]['line']} {py[0]['name']}" if py else "<no python frame>"
 
 
-def live_at_peak(trace: list[dict], start: int) -> tuple[int, int, dict[str, int]]:
-    """(bytes live at the peak after `start`, bytes live at `start`, bytes per origin at the peak)."""
+def live_at_peak(trace: list[dict], start: int, end: int | None = None) -> tuple[int, int, dict[str, int]]:
+    """(bytes live at the peak in trace[start:end], bytes live at `start`, bytes per origin at the peak)."""
     live: dict[int, tuple[int, str]] = {}
     now = base = peak = 0
     peak_live: dict[int, tuple[int, str]] = {}
-    for i, ev in enumerate(trace):
+    for i, ev in enumerate(trace[:end]):
         if i == start:
             base = peak = now
             peak_live = dict(live)
@@ -74,26 +74,31 @@ def main() -> None:
         "sampling.enabled=false", "saving.every=0", "performance.log_every=1",
         f"performance.gradient_checkpointing={str(a.gc).lower()}", *a.set])
     torch.cuda.memory._record_memory_history(max_entries=3_000_000)
-    start = 0
+    start = end = 0
     for ev in train(cfg, run_dir=tempfile.mkdtemp() + "/run"):
         if ev.kind == "started":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             start = len(torch.cuda.memory._snapshot()["device_traces"][0])
+        if ev.kind == "step" and ev.step == a.steps:  # the training steps end here; saving follows
+            torch.cuda.synchronize()
+            end = len(torch.cuda.memory._snapshot()["device_traces"][0])
         if ev.kind == "failed":
             raise SystemExit(ev.message)
     measured = torch.cuda.max_memory_allocated()
     trace = torch.cuda.memory._snapshot()["device_traces"][0]
-    peak, base, groups = live_at_peak(trace, start)
+    peak, base, groups = live_at_peak(trace, start, end)
+    whole_run = live_at_peak(trace, start)[0]
     rows = sorted(groups.items(), key=lambda kv: -kv[1])
     print(f"{a.model} batch {a.batch} gc={a.gc} {a.set}: max_memory_allocated {measured / MIB:.0f} MiB; "
-          f"replayed peak {peak / MIB:.0f} MiB; live when training started {base / MIB:.0f} MiB")
+          f"replayed: peak while training {peak / MIB:.0f} MiB, until the run ended {whole_run / MIB:.0f} MiB; "
+          f"live when training started {base / MIB:.0f} MiB")
     for where, size in rows[:30]:
         print(f"{size / MIB:10.1f} MiB  {where}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"model": a.model, "batch": a.batch, "gc": a.gc, "measured_mib": measured / MIB,
-                       "peak_mib": peak / MIB, "base_mib": base / MIB,
+                       "peak_mib": peak / MIB, "run_peak_mib": whole_run / MIB, "base_mib": base / MIB,
                        "groups_mib": {k: v / MIB for k, v in rows}}, f, indent=1)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .attention import attention_kernels
 from .export import Adapter, LayerWeights, apply_adapter, check_fits, load_adapter
 from .graphed_unet import graphed
 from .inject import remove, set_multiplier
@@ -49,13 +50,14 @@ def cached_model(base: str, device: str = "auto") -> LoadedModel:
 
 @torch.no_grad()
 def draw(model: LoadedModel, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, guidance: float = 7.0,
-         size: int | tuple[int, int] | None = None, negative: str = "", graphs: bool = True) -> list[Image.Image]:
+         size: int | tuple[int, int] | None = None, negative: str = "", graphs: bool = True,
+         attention: str = "auto") -> list[Image.Image]:
     """One image per prompt with the model as it is now (adapters at their current multipliers); on a GPU
-    the UNet is replayed from CUDA graphs unless `graphs` is False."""
+    the UNet is replayed from CUDA graphs unless `graphs` is False. `attention`: lora_core/attention.py."""
     w, h = (size, size) if isinstance(size, int) else (size or (model.resolution, model.resolution))
     images = []
     replay = graphed(model.unet) if graphs and model.unet.device.type == "cuda" else nullcontext()
-    with replay:
+    with replay, attention_kernels(attention, model.unet.device):
         for i, prompt in enumerate(prompts):
             g = torch.Generator(device="cpu").manual_seed(seed + i)
             out = model.pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps,

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from . import checkpoints as ckpt
+from .attention import attention_kernels
 from .batches import Batch, TextCache, TrainData
 from .config import TrainConfig, validate
 from .errors import TrainingError
@@ -182,7 +183,8 @@ def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, module
     # patched forward would trip)
     graphs = cfg.performance.cuda_graphs != "off" and not compiles(cfg, model.unet.device, total)
     pics = previews(model, modules, prompts, s.scales, seed=s.seed, steps=s.steps, guidance=s.cfg,
-                    size=s.size or cfg.data.resolution, negative=s.negative_prompt, graphs=graphs)
+                    size=s.size or cfg.data.resolution, negative=s.negative_prompt, graphs=graphs,
+                    attention=cfg.performance.attention)
     paths = []
     for i, (_, scale, img) in enumerate(pics):
         paths.append(str(save_png(img, run / "samples" / f"step-{step:06d}-p{i % len(prompts)}-w{scale:g}.png")))
@@ -254,6 +256,10 @@ class Stepper:
 
     def step(self, step: int) -> torch.Tensor:
         """Run optimizer step `step` (0-based); returns its mean loss as a device tensor (no host sync)."""
+        with attention_kernels(self.cfg.performance.attention, self.acc.device):
+            return self._step(step)
+
+    def _step(self, step: int) -> torch.Tensor:
         cfg, acc, accum = self.cfg, self.acc, self.cfg.optim.grad_accum
         if self.graphed:
             return self.graphed(self._micro(step))
@@ -359,7 +365,6 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
             with parking.back():
                 sample = _previews(step, run, cfg, model, modules, total)
             yield emit(sample)
-    parking.unpark()
     acc.wait_for_everyone()
     done = Finished(step, final, stopped=stopped, seconds=round(time.perf_counter() - t0, 2),
                     digest=ckpt.weights_digest(modules))
