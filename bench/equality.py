@@ -16,11 +16,11 @@ from lora_core.dataset import write_example_dataset
 from lora_core.trainer import train
 
 VARIANTS = {
-    "eager": ["performance.cuda_graphs=off", "performance.channels_last=off", "performance.attention=torch"],
-    "eager_cl": ["performance.cuda_graphs=off", "performance.channels_last=on", "performance.attention=torch"],
+    "eager": ["performance.cuda_graphs=off", "performance.channels_last=off", "performance.attention=flash"],
+    "eager_cl": ["performance.cuda_graphs=off", "performance.channels_last=on", "performance.attention=flash"],
     "eager_cudnn": ["performance.cuda_graphs=off", "performance.channels_last=off", "performance.attention=cudnn"],
-    "graphed_nocl": ["performance.cuda_graphs=on", "performance.channels_last=off", "performance.attention=torch"],
-    "graphed": ["performance.cuda_graphs=on", "performance.channels_last=on", "performance.attention=torch"],
+    "graphed_nocl": ["performance.cuda_graphs=on", "performance.channels_last=off", "performance.attention=flash"],
+    "graphed": ["performance.cuda_graphs=on", "performance.channels_last=on", "performance.attention=flash"],
     "fast": ["performance.cuda_graphs=on", "performance.channels_last=on", "performance.attention=cudnn"],
 }
 

@@ -197,10 +197,10 @@ class PerformanceConfig:
                           "LoRA dropout).", choices=AUTO_OFF_ON)
     channels_last: str = _f("auto", "Use channels-last memory format for convolutions. `auto` = with CUDA "
                             "graphs for small batches (up to 4 at 512 px, 1 at 1024 px), where it measured faster.", choices=AUTO_OFF_ON)
-    attention: str = _f("auto", "Attention kernel: `auto` = cuDNN's first on H100-class GPUs (measured "
-                        "1.6-1.8x faster than flash attention there), PyTorch's own choice elsewhere; "
-                        "`cudnn` = cuDNN's first on any GPU; `torch` = PyTorch's choice.",
-                        choices=["auto", "cudnn", "torch"])
+    attention: str = _f("auto", "Attention kernel tried first: `auto` = cuDNN's on H100-class GPUs (measured "
+                        "1.6-1.8x faster than flash attention there), PyTorch's own order elsewhere; "
+                        "`cudnn` or `flash` on any GPU; `torch` = PyTorch's order.",
+                        choices=["auto", "cudnn", "flash", "torch"])
     device: str = _f("auto", "Where to train: `auto` = CUDA GPU if present, else CPU.",
                      choices=["auto", "cpu", "cuda"])
     log_every: int = _f(10, "Read the loss back from the GPU and report it every N steps (each read "

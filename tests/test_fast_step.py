@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lora_core.attention import attention_kernels, cudnn_first
+from lora_core.attention import attention_kernels, kernel_order
 from lora_core.checkpoints import _portable
 from lora_core.config import resolve
 from lora_core.dataset import write_example_dataset
@@ -101,7 +101,7 @@ def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path):
               "lora.train_text_encoder=false", "lora.rank=16", "lora.alpha=16", "lora.targets=attn",
               "schedule.steps=50", "schedule.batch_size=1", "optim.lr=1e-4", "sampling.enabled=false",
               "performance.log_every=10", "performance.compile=off"]
-    plain = ["performance.cuda_graphs=off", "performance.channels_last=off", "performance.attention=torch"]
+    plain = ["performance.cuda_graphs=off", "performance.channels_last=off", "performance.attention=flash"]
     eager, _ = _losses(resolve(overrides=common + plain), tmp_path / "eager")
     fast = ["performance.cuda_graphs=on", "performance.channels_last=on", "performance.attention=cudnn"]
     graphed, _ = _losses(resolve(overrides=common + fast), tmp_path / "graphed")
@@ -111,21 +111,22 @@ def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path):
 
 
 def test_attention_kernel_policy():
-    assert not cudnn_first("auto", torch.device("cpu"))
-    assert not cudnn_first("cudnn", torch.device("cpu"))
-    assert not cudnn_first("torch", CUDA)
-    assert cudnn_first("cudnn", CUDA)
+    assert kernel_order("auto", torch.device("cpu")) == "torch"
+    assert kernel_order("cudnn", torch.device("cpu")) == "torch"
+    assert kernel_order("torch", CUDA) == "torch"
+    assert kernel_order("cudnn", CUDA) == "cudnn"
+    assert kernel_order("flash", CUDA) == "flash"
 
 
 @pytest.mark.gpu
-def test_cudnn_attention_is_used_and_agrees_with_pytorchs_choice():
+def test_cudnn_attention_is_used_and_agrees_with_flash_attention():
     q, k, v = (torch.randn(2, 8, 1024, 40, device=CUDA, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     with attention_kernels("cudnn", CUDA):
         fast = F.scaled_dot_product_attention(q, k, v)
     assert "Cudnn" in fast.grad_fn.name()
-    with attention_kernels("torch", CUDA):
+    with attention_kernels("flash", CUDA):
         plain = F.scaled_dot_product_attention(q, k, v)
-    assert "Cudnn" not in plain.grad_fn.name()
+    assert "Flash" in plain.grad_fn.name()
     torch.testing.assert_close(fast, plain, atol=2e-2, rtol=2e-2)
     grad = torch.randn_like(fast)
     fast_grads = torch.autograd.grad(fast, (q, k, v), grad)
