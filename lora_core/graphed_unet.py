@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 MAX_GRAPHS = 4  # per UNet: shapes x adapter states kept; the least recently used is dropped
 
 
+def _per_image_key(m: LoRAModule) -> tuple | None:
+    """A batched preview's per-image multipliers: the graph reads them at this address."""
+    return None if m.per_image is None else (m.per_image.data_ptr(), m.per_image.shape)
+
+
 class GraphedUNet:
     """Graph cache of one UNet's inference forward."""
 
@@ -47,7 +52,7 @@ class GraphedUNet:
         names = sorted(added_cond_kwargs or {})
         inputs = [sample, timestep.to(sample.device), encoder_hidden_states, *(added_cond_kwargs[n] for n in names)]
         key = (tuple((x.shape, x.dtype) for x in inputs), tuple(names),
-               tuple((m.multiplier, m.merged) for m in self.adapters),
+               tuple((m.multiplier, m.merged, _per_image_key(m)) for m in self.adapters),
                tuple((p.data_ptr(), p.shape) for p in self.unet.parameters()))
         if key not in self.graphs:
             self._capture(key, inputs, names)

@@ -12,10 +12,11 @@ paths are rewritten to the original SGM layout (input_blocks / middle_block / ou
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .lora import LoRAModule, wrap
@@ -163,6 +164,25 @@ def set_multiplier(modules: dict[str, LoRAModule] | Iterable[LoRAModule], value:
     for m in (modules.values() if isinstance(modules, dict) else modules):
         m.unmerge()
         m.multiplier = value
+
+
+_PER_IMAGE: dict[tuple, torch.Tensor] = {}  # one tensor per (device, values): graphs captured with it stay valid
+
+
+def set_per_image(modules: dict[str, LoRAModule], values: Sequence[float] | None) -> None:
+    """Give image i of the next batches multiplier values[i] in every adapter (None: back to `multiplier`)."""
+    tensor = None
+    if values is not None:
+        device = next(iter(modules.values())).lora_down.weight.device
+        key = (str(device), tuple(float(v) for v in values))
+        if key not in _PER_IMAGE:
+            if len(_PER_IMAGE) >= 16:
+                _PER_IMAGE.clear()  # a graph keys on the tensor's address and values, so none reads a stale one
+            _PER_IMAGE[key] = torch.tensor(key[1], device=device)
+        tensor = _PER_IMAGE[key]
+    for m in modules.values():
+        m.unmerge()
+        m.per_image = tensor
 
 
 @contextmanager

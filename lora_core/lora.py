@@ -4,7 +4,8 @@
 
 `down` is kaiming-uniform and `up` zeros, so a new adapter changes nothing. The base stays frozen in
 its own dtype (bf16/fp16 on a GPU); `down`/`up` are fp32. `multiplier` is the blend slider: 0 is the
-base model, 1 the trained adapter, other values extrapolate. Merging writes the fp32 delta into the
+base model, 1 the trained adapter, other values extrapolate; `per_image` gives each image of a batch
+its own (previews at several weights in one batch). Merging writes the fp32 delta into the
 base weight; unmerging puts back the exact original tensor.
 """
 
@@ -54,6 +55,7 @@ class LoRAModule(nn.Module):
         self.alpha = float(alpha) if alpha else float(rank)  # kohya: alpha 0/None means alpha = rank
         self.multiplier = multiplier
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.per_image: torch.Tensor | None = None  # one multiplier per image of a batched preview, if set
         self._merged_as: float | None = None  # multiplier baked into base.weight, if merged
         self._original: torch.Tensor | None = None
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
@@ -103,11 +105,16 @@ class LoRAModule(nn.Module):
                 h = self.lora_up(self.lora_down(self.dropout(x)))
         else:
             h = self.lora_up(self.lora_down(self.dropout(x.to(self.lora_down.weight.dtype))))
-        return h * (self.multiplier * self.scale)
+        if self.per_image is None:
+            return h * (self.multiplier * self.scale)
+        # the pipeline runs [negative prompts..., prompts...] as one batch under CFG: the images' multipliers
+        # repeat in the same order
+        m = self.per_image.repeat(h.shape[0] // self.per_image.shape[0]) * self.scale
+        return h * m.to(h.dtype).view(-1, *[1] * (h.dim() - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged or self.multiplier == 0:
+        if self.merged or self.per_image is None and self.multiplier == 0:
             return y
         return y + self.lora_forward(x).to(y.dtype)
 

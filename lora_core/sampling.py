@@ -18,13 +18,14 @@ from PIL import Image
 from .attention import attention_kernels
 from .export import Adapter, LayerWeights, apply_adapter, check_fits, load_adapter
 from .graphed_unet import graphed
-from .inject import remove, set_multiplier
+from .inject import remove, set_multiplier, set_per_image
 from .lora import LoRAModule
 from .models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
 _models: dict[tuple[str, str], LoadedModel] = {}
+PREVIEW_BATCH_PIXELS = 4 * 512 * 512  # preview images per call on a GPU: 4 at 512 px, 1 at 1024 px
 _lock = threading.Lock()  # one generation at a time per process: pipelines are not re-entrant
 
 
@@ -51,34 +52,60 @@ def cached_model(base: str, device: str = "auto") -> LoadedModel:
 @torch.no_grad()
 def draw(model: LoadedModel, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, guidance: float = 7.0,
          size: int | tuple[int, int] | None = None, negative: str = "", graphs: bool = True,
-         attention: str = "auto") -> list[Image.Image]:
-    """One image per prompt with the model as it is now (adapters at their current multipliers); on a GPU
-    the UNet is replayed from CUDA graphs unless `graphs` is False. `attention`: lora_core/attention.py."""
+         attention: str = "auto", seeds: Sequence[int] | None = None, batch: int = 1) -> list[Image.Image]:
+    """One image per prompt with the model as it is now (adapters at their current multipliers), image i
+    from seed `seeds[i]` (default seed + i), `batch` images per pipeline call. On a GPU the UNet is replayed
+    from CUDA graphs unless `graphs` is False. `attention`: lora_core/attention.py."""
     w, h = (size, size) if isinstance(size, int) else (size or (model.resolution, model.resolution))
+    seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     images = []
     replay = graphed(model.unet) if graphs and model.unet.device.type == "cuda" else nullcontext()
     with replay, attention_kernels(attention, model.unet.device):
-        for i, prompt in enumerate(prompts):
-            g = torch.Generator(device="cpu").manual_seed(seed + i)
-            out = model.pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=steps,
-                             guidance_scale=guidance, width=w, height=h, generator=g, output_type="pil")
-            images.append(out.images[0])
+        for i in range(0, len(prompts), batch):
+            part = list(prompts[i:i + batch])
+            gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch]]
+            out = model.pipe(prompt=part, negative_prompt=[negative] * len(part) if negative else None,
+                             num_inference_steps=steps, guidance_scale=guidance, width=w, height=h,
+                             generator=gens, output_type="pil")
+            images += out.images
     return images
 
 
+def preview_batch(model: LoadedModel, size: int | tuple[int, int] | None) -> int:
+    """Images per pipeline call in previews: batching fills a GPU that one 512 px image leaves idle
+    (bench/RESULTS.md); on a CPU it only costs memory."""
+    if model.unet.device.type != "cuda":
+        return 1
+    w, h = (size, size) if isinstance(size, int) else (size or (model.resolution, model.resolution))
+    return max(1, PREVIEW_BATCH_PIXELS // (w * h))
+
+
 def previews(model: LoadedModel, modules: dict[str, LoRAModule], prompts: Sequence[str],
-             scales: Sequence[float], **kw: object) -> list[tuple[str, float, Image.Image]]:
-    """Preview images at each multiplier in `scales`; the training multiplier (1) is restored after."""
+             scales: Sequence[float], *, seed: int = 0, batch: int | None = None,
+             **kw: object) -> list[tuple[str, float, Image.Image]]:
+    """Preview images of every prompt at each multiplier in `scales` (prompt i from seed + i at every
+    scale), drawn `batch` at a time (default: preview_batch), each image with its own multiplier; the
+    training multiplier (1) is restored after."""
     roots = [model.unet, *model.text_encoders]
     was_training = [r.training for r in roots]
     for r in roots:
         r.eval()
+    jobs = [(i, p, s) for s in scales for i, p in enumerate(prompts)]
+    batch = batch or preview_batch(model, kw.get("size"))  # type: ignore[arg-type]
     out = []
     try:
-        for s in scales:
-            set_multiplier(modules, s)
-            out += [(p, s, img) for p, img in zip(prompts, draw(model, prompts, **kw), strict=True)]
+        for k in range(0, len(jobs), batch):
+            part = jobs[k:k + batch]
+            weights = [s for _, _, s in part]
+            if len(set(weights)) == 1:  # one weight for all: the plain path (weight 0 skips the adapters)
+                set_per_image(modules, None)
+                set_multiplier(modules, weights[0])
+            else:
+                set_per_image(modules, weights)
+            pics = draw(model, [p for _, p, _ in part], seeds=[seed + i for i, _, _ in part], batch=batch, **kw)
+            out += [(p, s, img) for (_, p, s), img in zip(part, pics, strict=True)]
     finally:
+        set_per_image(modules, None)
         set_multiplier(modules, 1.0)
         for r, t in zip(roots, was_training, strict=True):
             r.train(t)

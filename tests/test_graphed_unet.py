@@ -8,7 +8,7 @@ import torch
 from lora_core.graphed_unet import graphed
 from lora_core.inject import inject, set_multiplier
 from lora_core.models import load_model
-from lora_core.sampling import draw
+from lora_core.sampling import draw, previews
 
 PROMPTS = ["a red circle on a white background"]
 
@@ -55,3 +55,29 @@ def test_graphed_sampling_draws_the_eager_image_at_every_weight():
     after, eager_after = _pixels(model, True), _pixels(model, False)
     assert np.abs(after - before).max() > 6  # the replay saw the new weights (a stale graph: 0)...
     assert np.abs(after - eager_after).max() <= 2  # ...exactly as the eager UNet does
+
+
+def _preview_pixels(model, modules, batch: int) -> list[np.ndarray]:
+    pics = previews(model, modules, PROMPTS * 2, [0.0, 1.0, 0.5], seed=3, steps=4, guidance=5.0, batch=batch)
+    assert [(p, s) for p, s, _ in pics] == [(PROMPTS[0], s) for s in (0.0, 0.0, 1.0, 1.0, 0.5, 0.5)]
+    return [np.asarray(img).astype(int) for _, _, img in pics]
+
+
+def _batched_previews_match_one_by_one(device: str, tolerance: int) -> None:
+    model, modules = _model(device)
+    one = _preview_pixels(model, modules, 1)
+    together = _preview_pixels(model, modules, 4)  # a batch of 4 (weights 0, 0, 1, 1) and one of 2 (0.5)
+    assert all(m.per_image is None and m.multiplier == 1.0 for m in modules.values())  # restored
+    assert np.abs(one[0] - one[2]).max() > 6  # the adapter shows at weight 1...
+    assert np.abs(one[0] - one[1]).max() > 6  # ...and the two prompts' seeds differ
+    for a, b in zip(one, together, strict=True):
+        assert np.abs(a - b).max() <= tolerance
+
+
+def test_batched_previews_draw_what_one_image_per_call_draws():
+    _batched_previews_match_one_by_one("cpu", 1)
+
+
+@pytest.mark.gpu
+def test_graphed_batched_previews_draw_what_one_image_per_call_draws():
+    _batched_previews_match_one_by_one("cuda", 2)

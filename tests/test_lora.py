@@ -105,3 +105,22 @@ def test_half_precision_base_computes_the_adapter_in_its_own_dtype():
         out = lora(x.to(torch.bfloat16))
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_per_image_multipliers_match_one_multiplier_per_call(i):
+    lora, x = _layers()[i]
+    _nonzero(lora)
+    x = torch.cat([x[:1], x[:1], x[:1]])  # three images of one input
+    weights = [0.0, 1.0, 0.5]
+    alone = []
+    for w in weights:
+        lora.multiplier = w
+        alone.append(lora(x[:1]))
+    lora.multiplier = 7.0  # ignored while per-image multipliers are set
+    lora.per_image = torch.tensor(weights)
+    torch.testing.assert_close(lora(x), torch.cat(alone), atol=1e-5, rtol=1e-5)
+    # classifier-free guidance doubles the batch as [negatives..., prompts...]: the weights repeat
+    doubled = torch.cat([x, x])
+    torch.testing.assert_close(lora(doubled), torch.cat(alone + alone), atol=1e-5, rtol=1e-5)
+    assert torch.equal(lora(x)[:1], lora.base(x)[:1])  # weight 0 in a batch: exactly the base
