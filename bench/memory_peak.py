@@ -26,11 +26,11 @@ def _where(frames: list[dict]) -> str:
     """The innermost frame in the project, diffusers or transformers (else the innermost Python frame)."""
     for f in frames:
         name = f.get("filename", "")
-        if any(k in name for k in ("lora_core/", "diffusers/", "transformers/", "bench/")):
-            short = name.split("site-packages/")[-1]
-            return f"{short}:{f.get('line')} {f.get('name')}"
+        for package in ("lora_core/", "diffusers/", "transformers/", "bench/"):
+            if package in name:
+                return f"{package}{name.split(package, 1)[1]}:{f.get('line')} {f.get('name')}"
     py = [f for f in frames if f.get("filename", "").endswith(".py")]
-    return f"{py[0]['filename'].split('site-packages/')[-1]}:{py[0]['line']} {py[0]['name']}" if py else "<no python frame>"
+    return f"{py[0]['filename'].rsplit('/', 2)[-1]}:{py[0]['line']} {py[0]['name']}" if py else "<no python frame>"
 
 
 def live_at_peak(trace: list[dict], start: int, end: int | None = None) -> tuple[int, int, dict[str, int]]:
