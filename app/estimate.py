@@ -1,7 +1,7 @@
 """A rough run-time and memory estimate shown before a run starts.
 
-It is a formula, not a measurement: per-family costs taken from the measurements in
-shared/research/performance.md (H100, bf16, cached latents) and from the tiny models on a CPU, scaled by
+It is a formula, not a measurement: per-family costs taken from published H100
+measurements (bf16, cached latents) and from the tiny models on a CPU, scaled by
 batch size, resolution, gradient checkpointing and previews. The UI says so next to the numbers.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_core.config import TrainConfig
+from lora_core.sampling import PREVIEW_BATCH_PIXELS
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,12 @@ def estimate(cfg: TrainConfig, images: int, *, cuda: bool | None = None) -> dict
     events = (steps // sm.every if sm.every else 0) + 2
     size_area = ((sm.size or cfg.data.resolution) / cost.native) ** 2
     per_image = sm.steps * cost.denoise_s * max(0.25, size_area)
-    preview_s = events * max(1, len(sm.prompts)) * len(sm.scales) * per_image
+    shown = max(1, len(sm.prompts)) * len(sm.scales)
+    if cuda:  # drawn several to a call; an image after a call's first costs about half (bench/RESULTS.md)
+        size = sm.size or cfg.data.resolution
+        calls = math.ceil(shown / max(1, PREVIEW_BATCH_PIXELS // (size * size)))
+        shown = calls + 0.5 * (shown - calls)
+    preview_s = events * shown * per_image
     seconds = (cost.load_s + images * 0.05 + steps * cfg.optim.grad_accum * step_s + preview_s) * slow
     memory = cost.weights_gib + cost.act_gib * batch * area * (0.35 if ckpt else 1.0) * te + 0.5
     return {"seconds": seconds, "memory_gib": memory, "steps": steps, "previews": events}

@@ -19,6 +19,7 @@ from ui_fakes import adapter_bytes, fake_train, write_images
 
 from app import datasets, uploads
 from app.context import AppContext
+from app.estimate import estimate
 from app.jobs import JobManager, JobState
 from app.tabs import dataset as dataset_tab
 from app.tabs import export as export_tab
@@ -34,7 +35,7 @@ from app.ui_fields import (
     preset_config,
 )
 from app.workspace import AppError, Workspace
-from lora_core.config import DataConfig, TrainConfig, iter_fields
+from lora_core.config import DataConfig, TrainConfig, iter_fields, resolve
 from lora_core.errors import ConfigError, ModelError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -346,6 +347,20 @@ def test_estimate_says_it_is_rough(ctx: AppContext) -> None:
     text = train_tab.estimate_run(ctx, **params(preset_config("quick-demo")))
     assert "Rough estimate" in text and "500 steps" in text and "GiB" in text
     assert "Fix these settings" in train_tab.estimate_run(ctx, **params(lora_rank=0))
+
+
+@pytest.mark.parametrize(("cuda", "ratio"), [(True, 8.0), (False, 4.0)])
+def test_estimate_prices_previews_drawn_together_on_a_gpu(cuda: bool, ratio: float) -> None:
+    def preview_cost(size: int, scales: str) -> float:
+        cfg = resolve(overrides=["data.dir=.", "model.base=full:sd15", "data.resolution=512",
+                                 f"sampling.size={size}", f"sampling.scales={scales}"])
+        return estimate(cfg, 20, cuda=cuda)["seconds"]
+
+    # two more weights cost 2 images at 1024 px (one per call) and 4x the pixels each; at 512 px a GPU
+    # draws the three together, each image after the first at half price: 2 x 4 / 1 = 8 (a CPU: 2 x 4 / 2)
+    big = preview_cost(1024, "[0,0.5,1]") - preview_cost(1024, "[1]")
+    small = preview_cost(512, "[0,0.5,1]") - preview_cost(512, "[1]")
+    assert big / small == pytest.approx(ratio)
 
 
 # ----------------------------------------------------------------------------- generate and export
