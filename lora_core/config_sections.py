@@ -201,6 +201,9 @@ class PerformanceConfig:
                         "1.6-1.8x faster than flash attention there), PyTorch's own order elsewhere; "
                         "`cudnn` or `flash` on any GPU; `torch` = PyTorch's order.",
                         choices=["auto", "cudnn", "flash", "torch"])
+    fused_lora: bool = _f(True, "Train each adapted linear layer through one hand-written forward and "
+                          "backward (fewer, cheaper GPU kernels; the same maths). Off = the plain "
+                          "three-layer path.")
     device: str = _f("auto", "Where to train: `auto` = CUDA GPU if present, else CPU.",
                      choices=["auto", "cpu", "cuda"])
     log_every: int = _f(10, "Read the loss back from the GPU and report it every N steps (each read "

@@ -81,6 +81,8 @@ def _setup_model(cfg: TrainConfig, acc: Accelerator) -> tuple[LoadedModel, dict]
     modules = inject(model.unet, model.text_encoders, model.family, targets=lo.targets, rank=lo.rank,
                      alpha=lo.alpha, dropout=lo.dropout, text_encoder=lo.train_text_encoder,
                      conv_rank=lo.conv_rank or None, conv_alpha=lo.conv_alpha or None)
+    for m in modules.values():
+        m.fused = cfg.performance.fused_lora
     if cfg.performance.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         for te in model.text_encoders if lo.train_text_encoder else []:

@@ -94,16 +94,19 @@ def test_graphed_step_equals_eager_step_fp32(tmp_path, caplog, base, te):
 
 @pytest.mark.gpu
 def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path):
-    """Graphs, channels-last and cuDNN attention against none of them: 50 steps within 2%."""
+    """Graphs, channels-last, cuDNN attention and the fused LoRA kernel against none of them: 50 steps
+    within 2%."""
     data = tmp_path / "data"
     write_example_dataset(data, n=8, size=512)
     common = [f"data.dir={data}", "model.base=full:sd15", "data.resolution=512", "data.buckets=false",
               "lora.train_text_encoder=false", "lora.rank=16", "lora.alpha=16", "lora.targets=attn",
               "schedule.steps=50", "schedule.batch_size=1", "optim.lr=1e-4", "sampling.enabled=false",
               "performance.log_every=10", "performance.compile=off"]
-    plain = ["performance.cuda_graphs=off", "performance.channels_last=off", "performance.attention=flash"]
+    plain = ["performance.cuda_graphs=off", "performance.channels_last=off", "performance.attention=flash",
+             "performance.fused_lora=false"]
     eager, _ = _losses(resolve(overrides=common + plain), tmp_path / "eager")
-    fast = ["performance.cuda_graphs=on", "performance.channels_last=on", "performance.attention=cudnn"]
+    fast = ["performance.cuda_graphs=on", "performance.channels_last=on", "performance.attention=cudnn",
+            "performance.fused_lora=true"]
     graphed, _ = _losses(resolve(overrides=common + fast), tmp_path / "graphed")
     e, g = torch.tensor(eager), torch.tensor(graphed)
     assert len(e) == len(g) == 50
