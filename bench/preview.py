@@ -20,11 +20,14 @@ def main() -> None:
     ap.add_argument("--model", default="full:sd15")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--plain", action="store_true", help="the plain LoRA path (performance.fused_lora=false)")
     a = ap.parse_args()
     model = load_model(a.model, device=torch.device("cuda"))
     model.pipe.to(dtype=torch.bfloat16)
     model.pipe.set_progress_bar_config(disable=True)
     modules = inject(model.unet, model.text_encoders, model.family, targets="attn", rank=16, alpha=16)
+    for m in modules.values():
+        m.fused = not a.plain
     size = 512 if a.model == "full:sd15" else 1024
 
     def one(scales: list[float]) -> float:
@@ -35,7 +38,7 @@ def main() -> None:
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    row = {"preview": a.model, "steps": a.steps, "cfg": True}
+    row = {"preview": a.model, "steps": a.steps, "cfg": True, "fused_lora": not a.plain}
     for name, scales in (("one_image", [1.0]), ("three_weights", [0.0, 0.5, 1.0])):
         one(scales)  # warm-up: the graph's capture
         times = sorted(one(scales) for _ in range(a.repeat))

@@ -57,7 +57,7 @@ class LoRAModule(nn.Module):
         self.multiplier = multiplier
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.per_image: torch.Tensor | None = None  # one multiplier per image of a batched preview, if set
-        self.fused = True  # train through lora_fused where it applies (`performance.fused_lora`)
+        self.fused = True  # run through lora_fused where it applies (`performance.fused_lora`)
         self._merged_as: float | None = None  # multiplier baked into base.weight, if merged
         self._original: torch.Tensor | None = None
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
@@ -117,18 +117,17 @@ class LoRAModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.per_image is None and self.multiplier == 0:
             return self.base(x)
-        if self._trains_fused():
+        if self._fuses():
             return lora_linear(x, self.base, self.lora_down.weight, self.lora_up.weight,
                                self.multiplier * self.scale)
         y = self.base(x)
         return y + self.lora_forward(x).to(y.dtype)
 
-    def _trains_fused(self) -> bool:
-        """Whether this call takes the hand-written training kernel: a Linear with gradients wanted, one
-        multiplier for the batch and no dropout; everything else (sampling included) takes the plain path."""
-        return (self.fused and torch.is_grad_enabled() and type(self.base) is nn.Linear
-                and self.per_image is None and isinstance(self.dropout, nn.Identity)
-                and self.lora_down.weight.requires_grad)
+    def _fuses(self) -> bool:
+        """Whether this call takes the hand-written kernel (training and sampling alike): a Linear, one
+        multiplier for the batch, no dropout; per-image multipliers and conv layers take the plain path."""
+        return (self.fused and type(self.base) is nn.Linear and self.per_image is None
+                and isinstance(self.dropout, nn.Identity))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, multiplier={self.multiplier}, merged={self.merged}"

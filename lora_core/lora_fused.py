@@ -1,4 +1,4 @@
-"""The training forward and backward of a LoRA linear layer as one autograd function.
+"""The forward and backward of a LoRA linear layer as one autograd function (training and sampling).
 
     y = x W^T + b + s * (x D^T) U^T        (W, b frozen; D = down [r, in], U = up [out, r], s = scale)
 

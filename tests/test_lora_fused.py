@@ -39,7 +39,7 @@ def test_fused_equals_plain_fp32(bias, input_grad):
     x = torch.randn(2, 6, 24, requires_grad=input_grad)
     grad = torch.randn(2, 6, 40)
     a, b = _run(fused, x, grad), _run(plain, x, grad)
-    assert fused._trains_fused() and not plain._trains_fused()
+    assert fused._fuses() and not plain._fuses()
     for got, want in zip(a, b, strict=True):
         if want is None:
             assert got is None
@@ -61,15 +61,17 @@ def test_fused_under_bf16_autocast_matches_plain_to_bf16_precision():
         torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
 
 
-def test_plain_path_keeps_inference_dropout_and_per_image():
-    fused, _ = _pair(8, 8, True)
+def test_sampling_is_fused_and_dropout_and_per_image_are_not():
+    fused, plain = _pair(8, 8, True, multiplier=0.6)
+    x = torch.randn(4, 8)
     with torch.no_grad():
-        assert not fused._trains_fused()  # sampling
+        assert fused._fuses()
+        torch.testing.assert_close(fused(x), plain(x), atol=1e-6, rtol=1e-6)
     fused.per_image = torch.tensor([1.0])
-    assert not fused._trains_fused()
+    assert not fused._fuses()
     fused.per_image = None
     fused.dropout = nn.Dropout(0.1)
-    assert not fused._trains_fused()
+    assert not fused._fuses()
 
 
 def _losses(cfg, run):
