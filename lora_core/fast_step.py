@@ -167,6 +167,20 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total:
     return torch.compile(model.unet, dynamic=False)
 
 
+@contextlib.contextmanager
+def conv_autotune(mode: str, graphs: bool):
+    """`performance.cudnn_benchmark`: within the block cuDNN times its convolution algorithms on the first
+    call of each shape and keeps the fastest. `auto` = for graphed steps, whose shapes repeat and whose
+    eager warm-up steps pay the timing before capture; runs with gradient checkpointing keep the default
+    heuristics, which need no extra workspace."""
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = mode == "on" or mode == "auto" and graphs
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
 def make_capturable(opt: torch.optim.Optimizer) -> None:
     """Let AdamW run inside a graph: state and learning rate on the device (the lr tensor is updated in
     place by the schedule, so a replay always sees the current value)."""

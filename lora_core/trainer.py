@@ -33,6 +33,7 @@ from .fast_step import (
     GraphedStep,
     StepInputs,
     compiles,
+    conv_autotune,
     fast_unet,
     make_capturable,
     step_autocast,
@@ -258,7 +259,8 @@ class Stepper:
 
     def step(self, step: int) -> torch.Tensor:
         """Run optimizer step `step` (0-based); returns its mean loss as a device tensor (no host sync)."""
-        with attention_kernels(self.cfg.performance.attention, self.acc.device):
+        perf = self.cfg.performance
+        with attention_kernels(perf.attention, self.acc.device), conv_autotune(perf.cudnn_benchmark, self.graphed is not None):
             return self._step(step)
 
     def _step(self, step: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from lora_core.attention import attention_kernels, kernel_order
 from lora_core.checkpoints import _portable
 from lora_core.config import resolve
 from lora_core.dataset import write_example_dataset
-from lora_core.fast_step import graph_blockers, use_graphs
+from lora_core.fast_step import conv_autotune, graph_blockers, use_graphs
 from lora_core.trainer import train
 
 CUDA = torch.device("cuda")
@@ -136,3 +136,11 @@ def test_cudnn_attention_is_used_and_agrees_with_flash_attention():
     plain_grads = torch.autograd.grad(plain, (q, k, v), grad)
     for a, b in zip(fast_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+def test_cudnn_benchmark_policy_is_scoped_to_the_block():
+    before = torch.backends.cudnn.benchmark
+    for mode, graphs, want in (("auto", True, True), ("auto", False, False), ("on", False, True), ("off", True, False)):
+        with conv_autotune(mode, graphs):
+            assert torch.backends.cudnn.benchmark is want, (mode, graphs)
+        assert torch.backends.cudnn.benchmark is before
