@@ -10,6 +10,7 @@ import argparse
 import tempfile
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from lora_core.config import resolve
@@ -41,8 +42,14 @@ def main() -> None:
             torch.cuda.synchronize()
             prof.stop()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000
+    copies = sum("copy" in e.name.lower() for e in kernels)
+    summary = (f"per step: {len(kernels) / 10:.0f} GPU kernels ({copies / 10:.0f} of them copies), "
+               f"{busy_ms / 10:.2f} ms of kernel time")
     with open(a.out, "w") as f:
-        f.write(f"{a.model} batch {a.batch} {a.set}: 10 steps\n{table}\n")
+        f.write(f"{a.model} batch {a.batch} {a.set}: 10 steps\n{summary}\n{table}\n")
+    print(summary)
     if a.trace:
         prof.export_chrome_trace(a.trace)
 

@@ -168,13 +168,12 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total:
 
 
 @contextlib.contextmanager
-def conv_autotune(mode: str, graphs: bool):
+def conv_autotune(on: bool):
     """`performance.cudnn_benchmark`: within the block cuDNN times its convolution algorithms on the first
-    call of each shape and keeps the fastest. `auto` = for graphed steps, whose shapes repeat and whose
-    eager warm-up steps pay the timing before capture; runs with gradient checkpointing keep the default
-    heuristics, which need no extra workspace."""
+    call of each shape and keeps the fastest. Off by default: on the H200 the timing cost 11 s at SD1.5
+    batch 16 for a gain inside the noise between machines (bench/RESULTS.md)."""
     was = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = mode == "on" or mode == "auto" and graphs
+    torch.backends.cudnn.benchmark = on
     try:
         yield
     finally:

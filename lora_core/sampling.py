@@ -17,7 +17,6 @@ from PIL import Image
 
 from .attention import attention_kernels
 from .export import Adapter, LayerWeights, apply_adapter, check_fits, load_adapter
-from .fast_step import conv_autotune
 from .graphed_unet import graphed
 from .inject import remove, set_multiplier, set_per_image
 from .lora import LoRAModule
@@ -60,9 +59,8 @@ def draw(model: LoadedModel, prompts: Sequence[str], *, seed: int = 0, steps: in
     w, h = (size, size) if isinstance(size, int) else (size or (model.resolution, model.resolution))
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     images = []
-    use_graphs = graphs and model.unet.device.type == "cuda"
-    replay = graphed(model.unet) if use_graphs else nullcontext()
-    with replay, attention_kernels(attention, model.unet.device), conv_autotune("auto", use_graphs):
+    replay = graphed(model.unet) if graphs and model.unet.device.type == "cuda" else nullcontext()
+    with replay, attention_kernels(attention, model.unet.device):
         for i in range(0, len(prompts), batch):
             part = list(prompts[i:i + batch])
             gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds[i:i + batch]]

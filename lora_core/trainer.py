@@ -260,7 +260,7 @@ class Stepper:
     def step(self, step: int) -> torch.Tensor:
         """Run optimizer step `step` (0-based); returns its mean loss as a device tensor (no host sync)."""
         perf = self.cfg.performance
-        with attention_kernels(perf.attention, self.acc.device), conv_autotune(perf.cudnn_benchmark, self.graphed is not None):
+        with attention_kernels(perf.attention, self.acc.device), conv_autotune(perf.cudnn_benchmark):
             return self._step(step)
 
     def _step(self, step: int) -> torch.Tensor:
