@@ -191,6 +191,11 @@ class PerformanceConfig:
     compile: str = _f("auto", "torch.compile the UNet's training step: the first steps take a few minutes, "
                       "every later step is faster. `auto` = on a GPU for runs of 1000 steps or more.",
                       choices=AUTO_OFF_ON)
+    compile_scope: str = _f("unet", "What `compile` compiles: `unet` = the whole UNet as one graph; `blocks` = "
+                            "each transformer and ResNet block on its own, blocks of one shape sharing their "
+                            "compiled code (less to compile; previews use the compiled blocks too). "
+                            "`blocks` is experimental: not yet measured on a GPU.",
+                            choices=["unet", "blocks"])
     cuda_graphs: str = _f("auto", "Capture the whole training step as a CUDA graph and replay it, so the GPU "
                           "never waits for Python (GPU only). `auto` = whenever the run allows it (not with "
                           "gradient checkpointing, accumulation, several processes or "

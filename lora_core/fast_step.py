@@ -167,8 +167,28 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total:
         log.info("normalisations run in the compute dtype: %d layers", use_half_norms(model.unet))
     if not compiles(cfg, device, total):
         return model.unet
+    if perf.compile_scope == "blocks":
+        log.info("compiling the UNet's blocks (%d); the first steps are slow", compile_blocks(model.unet))
+        return model.unet
     log.info("compiling the UNet; the first steps are slow")
     return torch.compile(model.unet, dynamic=False)
+
+
+BLOCKS = ("Transformer2DModel", "ResnetBlock2D")  # most of an SD UNet's kernels live inside these
+BLOCK_RECOMPILE_LIMIT = 64  # compiled variants per block class: one per input shape (SDXL has about 20)
+
+
+def compile_blocks(unet: torch.nn.Module) -> int:
+    """Compile each transformer and ResNet block of `unet` in place (regional compilation); returns how
+    many. Blocks of one class and input shape share one compiled graph (their weights are graph inputs),
+    so compile time grows with the number of distinct shapes, not of blocks. The blocks stay compiled for
+    previews too, which compile their own (no-gradient) variants on first use."""
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, BLOCK_RECOMPILE_LIMIT)  # process-wide
+    blocks = [m for m in unet.modules() if type(m).__name__ in BLOCKS]
+    for m in blocks:
+        m.compile(dynamic=False)
+    return len(blocks)
 
 
 @contextlib.contextmanager
