@@ -4,8 +4,9 @@
 Under autocast the normalisations run in fp32: each casts its bf16 input up, writes an fp32 output, and
 the next convolution or linear layer casts it back down; the backward pass does the same in reverse.
 PyTorch's bf16/fp16 norm kernels already accumulate their statistics in fp32, so running them on the
-half-precision input directly gives the same statistics and rounds the output once, as the next layer
-would anyway. Sampling (no autocast) already runs them this way. The swap changes only the class of
+half-precision input directly gives the same statistics; the output is rounded to the half type where
+the next convolution or linear layer would round it anyway (one SiLU in between now sees the rounded
+value). Sampling (no autocast) already runs them this way. The swap changes only the class of
 each norm module: parameters, state dicts and adapter files are untouched.
 """
 

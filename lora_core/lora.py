@@ -124,10 +124,11 @@ class LoRAModule(nn.Module):
         return y + self.lora_forward(x).to(y.dtype)
 
     def _fuses(self) -> bool:
-        """Whether this call takes the hand-written kernel (training and sampling alike): a Linear, one
-        multiplier for the batch, no dropout; per-image multipliers and conv layers take the plain path."""
+        """Whether this call takes the hand-written kernel (training and sampling alike): a frozen Linear,
+        one multiplier for the batch, no dropout; per-image multipliers and conv layers take the plain path."""
         return (self.fused and type(self.base) is nn.Linear and self.per_image is None
-                and isinstance(self.dropout, nn.Identity))
+                and isinstance(self.dropout, nn.Identity)
+                and not any(p.requires_grad for p in self.base.parameters()))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, multiplier={self.multiplier}, merged={self.merged}"

@@ -49,6 +49,31 @@ def test_fused_equals_plain_fp32(bias, input_grad):
     assert a[2].abs().sum() > 0 and a[3].abs().sum() > 0  # both adapter weights get a gradient
 
 
+def test_fused_takes_any_input_layout_and_allows_in_place_edits_of_its_output():
+    fused, plain = _pair(16, 12, True, multiplier=-0.6)
+    x = torch.randn(2, 16, 3, 5).permute(0, 2, 3, 1)  # 4-D and non-contiguous, as after a layout change
+    grad = torch.randn(2, 3, 5, 12)
+    for got, want in zip(_run(fused, x, grad), _run(plain, x, grad), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    y = fused(torch.randn(4, 16, requires_grad=True))
+    y.mul_(2)  # attention processors scale projections in place
+    y.sum().backward()
+    assert fused.lora_up.weight.grad is not None
+
+
+def test_trainable_base_takes_the_plain_path_and_second_derivatives_are_refused():
+    fused, _ = _pair(8, 8, True)
+    fused.base.requires_grad_(True)
+    assert not fused._fuses()  # the kernel gives the base no gradient
+    fused(torch.randn(3, 8)).sum().backward()
+    assert fused.base.weight.grad is not None
+    fused.base.requires_grad_(False)
+    x = torch.randn(3, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(fused(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
 def test_fused_under_bf16_autocast_matches_plain_to_bf16_precision():
     fused, plain = _pair(64, 64, True, dtype=torch.bfloat16)
     x = torch.randn(3, 64, requires_grad=True)  # fp32 activations, as after a LayerNorm under autocast
