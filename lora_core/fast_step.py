@@ -153,7 +153,8 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total:
     """The UNet callable of the training step: channels-last, half-precision norms and compiled as configured.
 
     `auto` compiles on CUDA for runs of at least COMPILE_MIN_STEPS steps, where it pays for itself. Under
-    a graphed step the compiled UNet runs inside the captured graph. Previews keep the plain module.
+    a graphed step the compiled UNet runs inside the captured graph. Previews keep the plain module, except
+    for blocks compiled in place (`compile_scope = blocks`).
     """
     perf = cfg.performance
     small = cfg.schedule.batch_size * (cfg.data.resolution // 8) ** 2 <= CHANNELS_LAST_MAX_LATENT

@@ -128,7 +128,8 @@ class LoRAModule(nn.Module):
         one multiplier for the batch, no dropout; per-image multipliers and conv layers take the plain path."""
         return (self.fused and type(self.base) is nn.Linear and self.per_image is None
                 and isinstance(self.dropout, nn.Identity)
-                and not any(p.requires_grad for p in self.base.parameters()))
+                and not self.base.weight.requires_grad
+                and (self.base.bias is None or not self.base.bias.requires_grad))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, multiplier={self.multiplier}, merged={self.merged}"
