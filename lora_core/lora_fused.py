@@ -6,7 +6,8 @@ Written out by hand it needs fewer and cheaper kernels than the three nn.Linear 
 the adapter's output is added inside the up projection's matrix product (addmm) instead of by a
 multiply and an add over the whole activation, and the input's gradient from the adapter is added
 inside the base layer's gradient product the same way (two more passes over the activation saved).
-The fp32 adapter weights are cast to the compute dtype once per call. Same maths as the plain path
+The fp32 adapter weights are cast to the compute dtype once per call; on a GPU their gradients come
+straight out of the GEMM's fp32 accumulator (`_mm_as`). Same maths as the plain path
 (`LoRAModule.lora_forward`) under autocast and in fp32, with one rounding fewer (the adapter's product
 is added in the GEMM's fp32 accumulator); a half-precision base without autocast computes the adapter
 in that precision too. bench/RESULTS.md has the measured effect. Second derivatives are refused.
@@ -16,6 +17,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+HALF = (torch.bfloat16, torch.float16)
+# cuBLAS can write a half-precision product straight into an fp32 output (torch.mm's out_dtype, CUDA only)
+_MM_INTO_FP32 = torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA")
 
 
 class _LoRALinearFn(torch.autograd.Function):
@@ -39,10 +44,22 @@ class _LoRALinearFn(torch.autograd.Function):
         g = grad.to(x.dtype)
         gz = torch.mm(g, u).mul_(ctx.scale)  # d loss / d (x D^T)
         need_x, _, _, need_down, need_up, _ = ctx.needs_input_grad
-        grad_down = torch.mm(gz.t(), x).to(ctx.param_dtypes[0]) if need_down else None
-        grad_up = torch.mm(g.t(), zs).to(ctx.param_dtypes[1]) if need_up else None
+        grad_down = _mm_as(gz.t(), x, ctx.param_dtypes[0]) if need_down else None
+        grad_up = _mm_as(g.t(), zs, ctx.param_dtypes[1]) if need_up else None
         grad_x = torch.mm(g, weight).addmm_(gz, d) if need_x else None
         return grad_x, None, None, grad_down, grad_up, None
+
+
+def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in `dtype`. The fp32 gradient of an adapter weight from half-precision activations comes out of
+    the GEMM's fp32 accumulator in one kernel on a GPU (no rounding to the half type, no cast kernel);
+    elsewhere, and under torch.compile (which fuses the cast itself), the product is cast."""
+    if dtype == a.dtype:
+        return torch.mm(a, b)
+    if (_MM_INTO_FP32 and a.is_cuda and dtype == torch.float32 and a.dtype in HALF
+            and not torch.compiler.is_compiling()):
+        return torch.mm(a, b, out_dtype=dtype)
+    return torch.mm(a, b).to(dtype)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -223,6 +223,11 @@ class Stepper:
         self.params, self.modules = lora_parameters(modules), modules
         graphs = use_graphs(cfg, acc.num_processes, acc.device)
         self.unet = fast_unet(cfg, model, acc.device, total, graphs)
+        if compiles(cfg, acc.device, total):
+            # a compiled UNet fuses the adapter's ops itself; through the hand-written kernel it trained
+            # nothing on a GPU (the adapters got no gradient: bench/compile_check.py, bench/RESULTS.md)
+            for m in modules.values():
+                m.fused = False
         self.sched = model.noise_scheduler()
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(acc.device)
         self.graphed = GraphedStep(self._update, opt) if graphs else None

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 
 from lora_core.attention import attention_kernels, kernel_order
 from lora_core.checkpoints import _portable
@@ -87,16 +88,19 @@ def test_graphed_step_equals_eager_step_fp32(tmp_path, caplog, base, te):
     assert sum("capturing the training step" in r.message for r in caplog.records) == 2  # one per shape
     assert len(eager) == len(graphed) == 30
     # the same kernels in the same order: equal to fp32 rounding (cuBLAS may pick another algorithm on the
-    # graph's stream), which 30 updates of every adapter grow to about 1e-4
+    # graph's stream), which 30 updates of every adapter grow to about 1e-4. Steps with the caption dropped
+    # under uncond_preservation have losses near 1e-6 (the adapter against the base's own prediction), so
+    # those are compared to 1e-3 of a typical loss rather than of their own size.
     g, e = torch.tensor(graphed), torch.tensor(eager)
-    worst = float(((g - e).abs() / (e.abs() + 1e-4)).max())
-    assert worst <= 1e-3, (worst, eager, graphed)
+    rel = (g - e).abs() / (e.abs() + 1e-3)
+    i = int(rel.argmax())
+    assert rel[i] <= 1e-3, (f"step {i}: eager {e[i]:.9g}, graphed {g[i]:.9g}", eager, graphed)
 
 
 @pytest.mark.gpu
 def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path):
-    """Graphs, channels-last, cuDNN attention and the fused LoRA kernel against none of them: 50 steps
-    within 2%."""
+    """Graphs, channels-last, cuDNN attention, the fused LoRA kernel and half-precision norms against none
+    of them: 50 steps within 2%."""
     data = tmp_path / "data"
     write_example_dataset(data, n=8, size=512)
     common = [f"data.dir={data}", "model.base=full:sd15", "data.resolution=512", "data.buckets=false",
@@ -104,10 +108,10 @@ def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path):
               "schedule.steps=50", "schedule.batch_size=1", "optim.lr=1e-4", "sampling.enabled=false",
               "performance.log_every=10", "performance.compile=off"]
     plain = ["performance.cuda_graphs=off", "performance.channels_last=off", "performance.attention=flash",
-             "performance.fused_lora=false"]
+             "performance.fused_lora=false", "performance.half_norms=false"]
     eager, _ = _losses(resolve(overrides=common + plain), tmp_path / "eager")
     fast = ["performance.cuda_graphs=on", "performance.channels_last=on", "performance.attention=cudnn",
-            "performance.fused_lora=true"]
+            "performance.fused_lora=true", "performance.half_norms=true"]
     graphed, _ = _losses(resolve(overrides=common + fast), tmp_path / "graphed")
     e, g = torch.tensor(eager), torch.tensor(graphed)
     assert len(e) == len(g) == 50
@@ -157,14 +161,24 @@ def test_compile_blocks_compiles_each_transformer_and_resnet_block_in_place():
 
 
 @pytest.mark.gpu
-def test_block_compiled_step_trains_the_same_model(tmp_path):
-    data = _two_shape_dataset(tmp_path / "data", 64)
-    common = [f"data.dir={data}", "model.base=tiny:sd1", "data.resolution=64", "data.min_bucket=32",
-              "data.max_bucket=96", "data.bucket_step=32", "performance.mixed_precision=no", "schedule.steps=12",
-              "optim.lr=1e-3", "sampling.enabled=false", "performance.log_every=1"]
-    plain, _ = _losses(resolve(overrides=common), tmp_path / "plain")
-    blocks, _ = _losses(resolve(overrides=[*common, "performance.compile=on", "performance.compile_scope=blocks"]),
-                        tmp_path / "blocks")
-    p, b = torch.tensor(plain), torch.tensor(blocks)
-    assert len(p) == len(b) == 12
-    assert ((b - p).abs() / p.abs()).max() <= 1e-3, (plain, blocks)
+@pytest.mark.parametrize("scope", ["unet", "blocks"])
+def test_compiled_step_tracks_the_plain_step_bf16(tmp_path, scope):
+    """torch.compile (whole UNet or its blocks) inside the graphed step with every other switch at its default,
+    against the plain eager path: 50 bf16 steps within 2%, the issue's bound for the GPU."""
+    write_example_dataset(tmp_path / "data", n=4, size=64)
+    common = [f"data.dir={tmp_path / 'data'}", "model.base=tiny:sd1", "data.resolution=64", "data.buckets=false",
+              "schedule.steps=50", "optim.lr=1e-4", "sampling.enabled=false", "performance.log_every=10",
+              "performance.mixed_precision=bf16"]
+    plain = ["performance.cuda_graphs=off", "performance.attention=flash", "performance.fused_lora=false",
+             "performance.half_norms=false", "performance.compile=off"]
+    e, _ = _losses(resolve(overrides=common + plain), tmp_path / "plain")
+    c, _ = _losses(resolve(overrides=[*common, "performance.compile=on", f"performance.compile_scope={scope}"]),
+                   tmp_path / "compiled")
+    e, c = torch.tensor(e), torch.tensor(c)
+    assert len(e) == len(c) == 50
+    assert ((c - e).abs() / e.abs()).max() <= 0.02, (e, c)
+    # at this learning rate the losses alone can't tell an adapter that trained from one that did not: the
+    # up projections start at zero, so each must have moved as far as the plain run's
+    want, got = (load_file(str(tmp_path / run / "adapter.safetensors")) for run in ("plain", "compiled"))
+    for key in (k for k in want if "lora_up" in k):
+        assert got[key].norm() >= 0.5 * want[key].norm() > 0, key

@@ -73,7 +73,7 @@ def test_swap_keeps_parameters_and_changes_nothing_outside_autocast():
         assert torch.equal(unet(x, 10, ctx).sample, before)  # fp32, no autocast: the plain forward
 
 
-def test_training_with_half_norms_in_bf16_tracks_the_default(tmp_path, caplog):
+def test_training_with_half_norms_in_bf16_tracks_fp32_norms(tmp_path, caplog):
     write_example_dataset(tmp_path / "d", n=4, size=64)
     common = [f"data.dir={tmp_path / 'd'}", "model.base=tiny:sd1", "data.resolution=64", "schedule.steps=10",
               "optim.lr=1e-3", "sampling.enabled=false", "performance.mixed_precision=bf16"]
@@ -81,7 +81,7 @@ def test_training_with_half_norms_in_bf16_tracks_the_default(tmp_path, caplog):
     def losses(extra, run):
         return [ev.loss for ev in train(resolve(overrides=common + extra), run_dir=run) if ev.kind == "step"]
 
-    plain = torch.tensor(losses([], tmp_path / "a"))
+    plain = torch.tensor(losses(["performance.half_norms=false"], tmp_path / "a"))
     with caplog.at_level(logging.INFO, logger="lora_core.fast_step"):
         half = torch.tensor(losses(["performance.half_norms=true"], tmp_path / "b"))
     assert any("normalisations run in the compute dtype" in r.message for r in caplog.records)
