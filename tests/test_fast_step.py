@@ -182,3 +182,22 @@ def test_compiled_step_tracks_the_plain_step_bf16(tmp_path, scope):
     want, got = (load_file(str(tmp_path / run / "adapter.safetensors")) for run in ("plain", "compiled"))
     for key in (k for k in want if "lora_up" in k):
         assert got[key].norm() >= 0.5 * want[key].norm() > 0, key
+
+
+def test_a_compiled_unet_takes_the_plain_adapter_path(tmp_path, monkeypatch):
+    """Under torch.compile on a GPU the fused kernel left every adapter untrained (bench/RESULTS.md), so a
+    run whose UNet is compiled must not call it; an uncompiled run does."""
+    import lora_core.lora as lora
+    import lora_core.trainer as trainer
+
+    calls = []
+    fused = lora.lora_linear
+    monkeypatch.setattr(lora, "lora_linear", lambda *a: calls.append(1) or fused(*a))
+    write_example_dataset(tmp_path / "d", n=2, size=64)
+    common = [f"data.dir={tmp_path / 'd'}", "model.base=tiny:sd1", "data.resolution=64", "schedule.steps=2",
+              "sampling.enabled=false"]
+    for compiled in (False, True):
+        monkeypatch.setattr(trainer, "compiles", lambda *a, c=compiled: c)  # the Stepper's view only
+        calls.clear()
+        _losses(resolve(overrides=common), tmp_path / f"run-{compiled}")
+        assert bool(calls) is not compiled, (compiled, len(calls))
