@@ -32,7 +32,13 @@ class _LoRALinearFn(torch.autograd.Function):
         d, u = down.to(x.dtype), up.to(x.dtype)
         zs = torch.mm(x, d.t()).mul_(scale)  # [N, r]: small, so the scale costs nothing here
         y = F.linear(x, weight, bias)
-        y.addmm_(zs, u.t())
+        if torch.compiler.is_compiling():
+            # out of place: torch 2.11's Dynamo returns each intermediate of an autograd.Function's forward
+            # as an extra output, and the alias of `y` made by addmm_ took the gradient meant for `y`; the
+            # backward got zeros and no adapter trained (pytorch issue 180642, fixed in 2.12)
+            y = torch.addmm(y, zs, u.t())
+        else:
+            y.addmm_(zs, u.t())
         ctx.save_for_backward(x, weight, d, u, zs)
         ctx.scale, ctx.param_dtypes = scale, (down.dtype, up.dtype)
         return y  # not a view: callers may change it in place

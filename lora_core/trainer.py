@@ -225,7 +225,8 @@ class Stepper:
         self.unet = fast_unet(cfg, model, acc.device, total, graphs)
         if compiles(cfg, acc.device, total):
             # a compiled UNet fuses the adapter's ops itself; through the hand-written kernel it trained
-            # nothing on a GPU (the adapters got no gradient: bench/compile_check.py, bench/RESULTS.md)
+            # nothing on a GPU with torch 2.11 (bench/compile_check.py, bench/RESULTS.md). The kernel's
+            # compiled forward is fixed since, but not yet checked on a GPU, so compiled runs keep the plain path
             for m in modules.values():
                 m.fused = False
         self.sched = model.noise_scheduler()
