@@ -18,9 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-HALF = (torch.bfloat16, torch.float16)
-# cuBLAS can write a half-precision product straight into an fp32 output (torch.mm's out_dtype, CUDA only)
-_MM_INTO_FP32 = torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA")
+from .half_norms import HALF
+
+# cuBLAS can write a half-precision product straight into an fp32 output (torch.mm's out_dtype, CUDA, torch
+# 2.8 and later; not used on ROCm, where it is unchecked here)
+_MM_INTO_FP32 = "dtype" in torch.ops.aten.mm.overloads() and torch.version.hip is None
 
 
 class _LoRALinearFn(torch.autograd.Function):
@@ -59,7 +61,7 @@ class _LoRALinearFn(torch.autograd.Function):
 def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """a @ b in `dtype`. The fp32 gradient of an adapter weight from half-precision activations comes out of
     the GEMM's fp32 accumulator in one kernel on a GPU (no rounding to the half type, no cast kernel);
-    elsewhere, and under torch.compile (which fuses the cast itself), the product is cast."""
+    elsewhere, and under torch.compile, the product is computed in the half type and then cast."""
     if dtype == a.dtype:
         return torch.mm(a, b)
     if (_MM_INTO_FP32 and a.is_cuda and dtype == torch.float32 and a.dtype in HALF

@@ -223,12 +223,6 @@ class Stepper:
         self.params, self.modules = lora_parameters(modules), modules
         graphs = use_graphs(cfg, acc.num_processes, acc.device)
         self.unet = fast_unet(cfg, model, acc.device, total, graphs)
-        if compiles(cfg, acc.device, total):
-            # a compiled UNet fuses the adapter's ops itself; through the hand-written kernel it trained
-            # nothing on a GPU with torch 2.11 (bench/compile_check.py, bench/RESULTS.md). The kernel's
-            # compiled forward is fixed since, but not yet checked on a GPU, so compiled runs keep the plain path
-            for m in modules.values():
-                m.fused = False
         self.sched = model.noise_scheduler()
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(acc.device)
         self.graphed = GraphedStep(self._update, opt) if graphs else None

@@ -90,7 +90,7 @@ def test_graphed_step_equals_eager_step_fp32(tmp_path, caplog, base, te):
     # the same kernels in the same order: equal to fp32 rounding (cuBLAS may pick another algorithm on the
     # graph's stream), which 30 updates of every adapter grow to about 1e-4. Steps with the caption dropped
     # under uncond_preservation have losses near 1e-6 (the adapter against the base's own prediction), so
-    # those are compared to 1e-3 of a typical loss rather than of their own size.
+    # the bound is |graphed - eager| <= 1e-3 * |eager| + 1e-6.
     g, e = torch.tensor(graphed), torch.tensor(eager)
     rel = (g - e).abs() / (e.abs() + 1e-3)
     i = int(rel.argmax())
@@ -184,20 +184,21 @@ def test_compiled_step_tracks_the_plain_step_bf16(tmp_path, scope):
         assert got[key].norm() >= 0.5 * want[key].norm() > 0, key
 
 
-def test_a_compiled_unet_takes_the_plain_adapter_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_compiled_unet_takes_the_plain_adapter_path(tmp_path, monkeypatch, compiled):
     """Under torch.compile on a GPU the fused kernel left every adapter untrained (bench/RESULTS.md), so a
-    run whose UNet is compiled must not call it; an uncompiled run does."""
+    run whose UNet is compiled must not call it; an uncompiled run does. torch.compile is replaced by the
+    identity here: the decision is under test, not the compiler."""
+    import lora_core.fast_step as fast_step
     import lora_core.lora as lora
-    import lora_core.trainer as trainer
 
     calls = []
     fused = lora.lora_linear
     monkeypatch.setattr(lora, "lora_linear", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(fast_step, "compiles", lambda *a, **k: compiled)
+    monkeypatch.setattr(torch, "compile", lambda model, **k: model)
     write_example_dataset(tmp_path / "d", n=2, size=64)
-    common = [f"data.dir={tmp_path / 'd'}", "model.base=tiny:sd1", "data.resolution=64", "schedule.steps=2",
-              "sampling.enabled=false"]
-    for compiled in (False, True):
-        monkeypatch.setattr(trainer, "compiles", lambda *a, c=compiled: c)  # the Stepper's view only
-        calls.clear()
-        _losses(resolve(overrides=common), tmp_path / f"run-{compiled}")
-        assert bool(calls) is not compiled, (compiled, len(calls))
+    _losses(resolve(overrides=[f"data.dir={tmp_path / 'd'}", "model.base=tiny:sd1", "data.resolution=64",
+                               "schedule.steps=2", "sampling.enabled=false", "lora.train_text_encoder=false"]),
+            tmp_path / "run")  # the text encoder is never compiled: its adapters keep the kernel
+    assert bool(calls) is not compiled, len(calls)

@@ -73,6 +73,7 @@ def test_swap_keeps_parameters_and_changes_nothing_outside_autocast():
         assert torch.equal(unet(x, 10, ctx).sample, before)  # fp32, no autocast: the plain forward
 
 
+@pytest.mark.gpu  # on the CPU the trainer runs in fp32, where the norms are the plain ones
 def test_training_with_half_norms_in_bf16_tracks_fp32_norms(tmp_path, caplog):
     write_example_dataset(tmp_path / "d", n=4, size=64)
     common = [f"data.dir={tmp_path / 'd'}", "model.base=tiny:sd1", "data.resolution=64", "schedule.steps=10",
@@ -87,3 +88,13 @@ def test_training_with_half_norms_in_bf16_tracks_fp32_norms(tmp_path, caplog):
     assert any("normalisations run in the compute dtype" in r.message for r in caplog.records)
     assert len(plain) == len(half) == 10
     assert ((half - plain).abs() / plain.abs()).max() <= 0.05, (half, plain)
+
+
+def test_an_fp32_run_keeps_the_plain_norms(tmp_path, caplog):
+    write_example_dataset(tmp_path / "d", n=2, size=64)
+    cfg = resolve(overrides=[f"data.dir={tmp_path / 'd'}", "model.base=tiny:sd1", "data.resolution=64",
+                             "schedule.steps=1", "sampling.enabled=false", "performance.half_norms=true"])
+    with caplog.at_level(logging.INFO, logger="lora_core.fast_step"):
+        kinds = [ev.kind for ev in train(cfg, run_dir=tmp_path / "run")]
+    assert kinds[-1] == "finished"
+    assert not any("normalisations run in the compute dtype" in r.message for r in caplog.records)
