@@ -189,7 +189,8 @@ class PerformanceConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: much less "
                                       "memory, about 20-30% slower.")
     compile: str = _f("auto", "torch.compile the UNet's training step: the first steps take a few minutes, "
-                      "every later step is faster. `auto` = on a GPU for runs of 1000 steps or more.",
+                      "every later step is faster. `auto` = on a GPU when the run is long enough to win the "
+                      "compile time back: 100,000 samples when the step is a CUDA graph, else 2000 steps.",
                       choices=AUTO_OFF_ON)
     compile_scope: str = _f("unet", "What `compile` compiles: `unet` = the whole UNet as one graph; `blocks` = "
                             "each transformer and ResNet block on its own, blocks of one shape sharing their "

@@ -107,13 +107,26 @@ class GraphedStep:
         return loss.clone()
 
 
-COMPILE_MIN_STEPS = 1000  # compiling the SD1.5 UNet takes ~3 min on an H100 (bench/RESULTS.md)
+# `compile = auto` compiles when the time it saves exceeds the ~2 min compile of a fresh machine. Measured
+# on an H200 (bench/RESULTS.md): against a graphed step it saves 1.5-2.4 ms per sample (SD1.5 batch 16 and 1),
+# so it pays after ~100k samples; against an eager step (graphs blocked) it saved 83 ms per batch-16 step
+# on an H100, so it pays after ~2000 steps.
+COMPILE_MIN_SAMPLES_GRAPHED = 100_000
+COMPILE_MIN_STEPS_EAGER = 2000
 
 
-def compiles(cfg: TrainConfig, device: torch.device, total: int) -> bool:
-    """Whether the run's UNet is torch.compiled (`performance.compile`)."""
+def compiles(cfg: TrainConfig, device: torch.device, total: int, processes: int = 1) -> bool:
+    """Whether the run's UNet is torch.compiled (`performance.compile`); `total` = optimizer steps."""
     mode = cfg.performance.compile
-    return mode == "on" or mode == "auto" and device.type == "cuda" and total >= COMPILE_MIN_STEPS
+    if mode != "auto":
+        return mode == "on"
+    if device.type != "cuda":
+        return False
+    graphed = cfg.performance.cuda_graphs != "off" and not graph_blockers(cfg, processes)
+    micro_steps = total * cfg.optim.grad_accum
+    if graphed:
+        return micro_steps * cfg.schedule.batch_size >= COMPILE_MIN_SAMPLES_GRAPHED
+    return micro_steps >= COMPILE_MIN_STEPS_EAGER
 
 
 # channels-last helps graphed steps up to this many latent pixels per batch (batch x (resolution / 8)^2):
@@ -150,10 +163,10 @@ def use_graphs(cfg: TrainConfig, processes: int, device: torch.device) -> bool:
 
 
 def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total: int,
-              graphs: bool) -> torch.nn.Module:
+              graphs: bool, processes: int = 1) -> torch.nn.Module:
     """The UNet callable of the training step: channels-last, half-precision norms and compiled as configured.
 
-    `auto` compiles on CUDA for runs of at least COMPILE_MIN_STEPS steps, where it pays for itself. Under
+    `auto` compiles on CUDA for runs long enough that it pays for itself (`compiles`). Under
     a graphed step the compiled UNet runs inside the captured graph. Previews keep the plain module, except
     for blocks compiled in place (`compile_scope = blocks`).
     """
@@ -167,7 +180,7 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total:
         model.unet.to(memory_format=torch.channels_last)
     if perf.half_norms and model.unet.dtype in HALF:  # a half-precision base means mixed precision is on
         log.info("normalisations run in the compute dtype: %d layers", use_half_norms(model.unet))
-    if not compiles(cfg, device, total):
+    if not compiles(cfg, device, total, processes):
         return model.unet
     plain_adapters(model.unet)
     if perf.compile_scope == "blocks":
@@ -179,8 +192,9 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total:
 
 def plain_adapters(unet: torch.nn.Module) -> None:
     """The UNet's adapters take the plain path, which the compiler fuses itself. Through the hand-written
-    kernel a compiled step trained nothing on a GPU with torch 2.11 (bench/compile_check.py,
-    bench/RESULTS.md); the kernel's compiled forward is fixed since, but not yet checked on a GPU."""
+    kernel's old in-place forward a compiled step trained nothing on a GPU with torch 2.11
+    (bench/compile_check.py, bench/RESULTS.md). Its out-of-place compiled forward trains correctly on the
+    GPU since, but only the plain path's compiled speed is measured (bench/data/compiled-h200.jsonl)."""
     fused = [m for m in unet.modules() if isinstance(m, LoRAModule) and m.fused]
     for m in fused:
         m.fused = False

@@ -222,7 +222,7 @@ class Stepper:
         self.cfg, self.model, self.data, self.text, self.opt, self.acc = cfg, model, data, text, opt, acc
         self.params, self.modules = lora_parameters(modules), modules
         graphs = use_graphs(cfg, acc.num_processes, acc.device)
-        self.unet = fast_unet(cfg, model, acc.device, total, graphs)
+        self.unet = fast_unet(cfg, model, acc.device, total, graphs, acc.num_processes)
         self.sched = model.noise_scheduler()
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(acc.device)
         self.graphed = GraphedStep(self._update, opt) if graphs else None

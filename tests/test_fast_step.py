@@ -14,7 +14,7 @@ from lora_core.attention import attention_kernels, kernel_order
 from lora_core.checkpoints import _portable
 from lora_core.config import resolve
 from lora_core.dataset import write_example_dataset
-from lora_core.fast_step import compile_blocks, conv_autotune, graph_blockers, use_graphs
+from lora_core.fast_step import compile_blocks, compiles, conv_autotune, graph_blockers, use_graphs
 from lora_core.models import load_model
 from lora_core.trainer import train
 
@@ -39,6 +39,23 @@ def test_graphs_only_on_cuda_and_only_for_graph_safe_runs():
         assert any(words in why for why in graph_blockers(cfg, 1)), extra
         assert not use_graphs(cfg, 1, CUDA)
     assert graph_blockers(plain, 2) and not use_graphs(plain, 2, CUDA)
+
+
+def test_auto_compiles_only_runs_long_enough_to_win_the_compile_back():
+    """A graphed step gains little from the compiler (it pays after ~100k samples); an eager one a lot."""
+    def auto(total, *extra, device=CUDA, processes=1):
+        return compiles(cfg_with("lora.train_text_encoder=false", *extra), device, total, processes)
+
+    assert not auto(3000, "schedule.batch_size=1")  # a typical run: the compile would cost more than it saves
+    assert not auto(6000, "schedule.batch_size=16")
+    assert auto(7000, "schedule.batch_size=16")
+    assert auto(100_000, "schedule.batch_size=1")
+    assert not auto(10**6, "schedule.batch_size=16", device=torch.device("cpu"))
+    assert not auto(1999, "performance.gradient_checkpointing=true")  # eager: pays after ~2000 steps
+    assert auto(2000, "performance.gradient_checkpointing=true")
+    assert auto(1000, "optim.grad_accum=2")  # counted in micro-batches
+    assert auto(2000, "performance.cuda_graphs=off") and auto(2000, processes=2)
+    assert not auto(2000) and not auto(10**6, "performance.compile=off") and auto(1, "performance.compile=on")
 
 
 def test_saved_optimizer_state_resumes_without_a_gpu():
