@@ -166,9 +166,9 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total:
               graphs: bool, processes: int = 1) -> torch.nn.Module:
     """The UNet callable of the training step: channels-last, half-precision norms and compiled as configured.
 
-    `auto` compiles on CUDA for runs long enough that it pays for itself (`compiles`). Under
-    a graphed step the compiled UNet runs inside the captured graph. Previews keep the plain module, except
-    for blocks compiled in place (`compile_scope = blocks`).
+    `auto` compiles on CUDA for runs long enough that it pays for itself (`compiles`). Under a graphed
+    step the compiled UNet runs inside the captured graph. Previews keep the plain module (replayed from
+    CUDA graphs), except for blocks compiled in place (`compile_scope = blocks`).
     """
     perf = cfg.performance
     small = cfg.schedule.batch_size * (cfg.data.resolution // 8) ** 2 <= CHANNELS_LAST_MAX_LATENT

@@ -32,7 +32,6 @@ from .events import Event, Failed, Finished, Sample, Saved, Started, Step
 from .fast_step import (
     GraphedStep,
     StepInputs,
-    compiles,
     conv_autotune,
     fast_unet,
     make_capturable,
@@ -179,12 +178,12 @@ def _text_and_parking(cfg: TrainConfig, model: LoadedModel, data: TrainData, dev
     return text, parking
 
 
-def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, modules: dict, total: int) -> Sample:
+def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, modules: dict) -> Sample:
     s = cfg.sampling
     prompts = s.prompts
-    # graphed sampling UNet, unless graphs are switched off or the UNet is compiled (whose guards a
-    # patched forward would trip)
-    graphs = cfg.performance.cuda_graphs != "off" and not compiles(cfg, model.unet.device, total)
+    # graphed sampling UNet unless graphs are switched off; a compiled training UNet is left as it was
+    # (tests/test_graphed_unet.py: previews recompile nothing)
+    graphs = cfg.performance.cuda_graphs != "off"
     pics = previews(model, modules, prompts, s.scales, seed=s.seed, steps=s.steps, guidance=s.cfg,
                     size=s.size or cfg.data.resolution, negative=s.negative_prompt, graphs=graphs,
                     attention=cfg.performance.attention)
@@ -318,7 +317,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
     yield emit(Started(str(run), total, step, len(data.items), str(acc.device), cfg.to_dict()))
     if main and step == 0 and cfg.sampling.prompts:
         with parking.back():
-            sample = _previews(0, run, cfg, model, modules, total)
+            sample = _previews(0, run, cfg, model, modules)
         yield emit(sample)
     stepper = Stepper(cfg, model, modules, data, text, opt, acc, total)
     t0, last_good, seen, start, pending = time.perf_counter(), "", 0, step, []
@@ -344,7 +343,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
                 pending = []
             if preview:
                 with parking.back():
-                    sample = _previews(step, run, cfg, model, modules, total)
+                    sample = _previews(step, run, cfg, model, modules)
                 yield emit(sample)
             if save:
                 last_good = ckpt.save_checkpoint(run, cfg, model, modules, opt, step, data)
@@ -367,7 +366,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
         yield emit(Saved(step, final, final=True))
         if cfg.sampling.prompts and not stopped:
             with parking.back():
-                sample = _previews(step, run, cfg, model, modules, total)
+                sample = _previews(step, run, cfg, model, modules)
             yield emit(sample)
     acc.wait_for_everyone()
     done = Finished(step, final, stopped=stopped, seconds=round(time.perf_counter() - t0, 2),

@@ -85,3 +85,28 @@ def test_batched_previews_draw_what_one_image_per_call_draws():
 @pytest.mark.gpu
 def test_graphed_batched_previews_draw_what_one_image_per_call_draws():
     _batched_previews_match_one_by_one("cuda", 2)
+
+
+def test_previews_between_compiled_training_steps_recompile_nothing():
+    """A compiled run's previews replay the sampling graphs (on a GPU) or run the plain module, then
+    training goes on: neither the eval/train switch nor the graphed forward's patch may trip the compiled
+    UNet's guards, or each preview would cost a recompile (minutes on a GPU)."""
+    from torch._dynamo.testing import CompileCounter
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on the GPU machine the graphs are captured too
+    model, modules = _model(device)
+    model.unet.train()
+    counter = CompileCounter()
+    compiled = torch.compile(model.unet, backend=counter, dynamic=False)
+    x, t, emb = (torch.randn(1, 4, 32, 32, device=device), torch.tensor([10], device=device),
+                 torch.randn(1, 77, 32, device=device))
+    compiled(x, t, emb).sample.sum().backward()
+    assert counter.frame_count == 1
+    previews(model, modules, PROMPTS, [0.0, 1.0], steps=2, guidance=5.0, graphs=True)
+    model.unet.eval()
+    with torch.no_grad(), graphed(model.unet):
+        model.unet(x, t, emb)
+    model.unet.train()
+    compiled(x, t, emb).sample.sum().backward()
+    assert counter.frame_count == 1
+    assert model.unet.training and "forward" not in model.unet.__dict__
