@@ -10,6 +10,8 @@ import argparse
 import json
 import tempfile
 import time
+from contextlib import nullcontext
+from unittest.mock import patch
 
 import torch
 
@@ -29,6 +31,8 @@ def main() -> None:
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing")
     ap.add_argument("--te", action="store_true", help="train the text-encoder LoRA too (no text cache)")
     ap.add_argument("--set", action="append", default=[], help="extra TrainConfig overrides")
+    ap.add_argument("--keep-kernel", action="store_true",
+                    help="a compiled UNet's adapters keep the fused kernel (the trainer gives them the plain path)")
     a = ap.parse_args()
     res = RES[a.model]
     data = tempfile.mkdtemp()
@@ -41,17 +45,21 @@ def main() -> None:
         f"performance.gradient_checkpointing={str(a.gc).lower()}", *a.set])
     marks = {}
     t_start = time.perf_counter()
-    for ev in train(cfg, run_dir=tempfile.mkdtemp() + "/run"):
-        if ev.kind == "started":
-            t_started = time.perf_counter()
-            torch.cuda.reset_peak_memory_stats()
-        if ev.kind == "step" and ev.step in (a.warmup, a.warmup + a.steps):
-            marks.setdefault(ev.step, time.perf_counter())
-        if ev.kind == "failed":
-            raise SystemExit(ev.message)
+    keep = patch("lora_core.fast_step.plain_adapters", lambda unet: None) if a.keep_kernel else nullcontext()
+    with keep:
+        events = train(cfg, run_dir=tempfile.mkdtemp() + "/run")
+        for ev in events:
+            if ev.kind == "started":
+                t_started = time.perf_counter()
+                torch.cuda.reset_peak_memory_stats()
+            if ev.kind == "step" and ev.step in (a.warmup, a.warmup + a.steps):
+                marks.setdefault(ev.step, time.perf_counter())
+            if ev.kind == "failed":
+                raise SystemExit(ev.message)
     ms = (marks[a.warmup + a.steps] - marks[a.warmup]) / a.steps * 1000
+    extra = a.set + (["keep_kernel"] if a.keep_kernel else [])
     print(json.dumps({"impl": "ours", "model": a.model, "batch": a.batch, "gc": a.gc, "te": a.te,
-                      "extra": a.set, "ms_per_step": round(ms, 2), "samples_per_s": round(a.batch * 1000 / ms, 2),
+                      "extra": extra, "ms_per_step": round(ms, 2), "samples_per_s": round(a.batch * 1000 / ms, 2),
                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                       "setup_s": round(t_started - t_start, 1),
                       "warmup_s": round(marks[a.warmup] - t_started, 1)}))
