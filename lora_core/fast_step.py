@@ -107,26 +107,27 @@ class GraphedStep:
         return loss.clone()
 
 
-# `compile = auto` compiles when the time it saves exceeds the ~2 min compile of a fresh machine. Measured
-# on an H200 (bench/RESULTS.md): against a graphed step it saves 1.5-2.4 ms per sample (SD1.5 batch 16 and 1),
-# so it pays after ~100k samples; against an eager step (graphs blocked) it saved 83 ms per batch-16 step
-# on an H100, so it pays after ~2000 steps.
+# `compile = auto` compiles when the time it saves exceeds the compile (153 s for SD1.5 on a fresh H200,
+# 173 s on an H100). Measured (bench/RESULTS.md): against a graphed step it saves 1.5-2.4 ms per sample
+# (SD1.5 batch 16 and 1 on the H200), so it pays after ~100k samples; against an eager step (graphs
+# blocked) it saved 83 ms per batch-16 step on the H100, so it pays after ~2000 batches. Gradient
+# checkpointing under the compiler is not measured (speed or memory), so `auto` leaves those runs eager.
 COMPILE_MIN_SAMPLES_GRAPHED = 100_000
-COMPILE_MIN_STEPS_EAGER = 2000
+COMPILE_MIN_BATCHES_EAGER = 2000
 
 
-def compiles(cfg: TrainConfig, device: torch.device, total: int, processes: int = 1) -> bool:
-    """Whether the run's UNet is torch.compiled (`performance.compile`); `total` = optimizer steps."""
+def compiles(cfg: TrainConfig, device: torch.device, steps: int, graphs: bool) -> bool:
+    """Whether the run's UNet is torch.compiled (`performance.compile`): `steps` = optimizer steps still to
+    run, `graphs` = whether the step is a CUDA graph."""
     mode = cfg.performance.compile
     if mode != "auto":
         return mode == "on"
-    if device.type != "cuda":
+    if device.type != "cuda" or cfg.performance.gradient_checkpointing:
         return False
-    graphed = cfg.performance.cuda_graphs != "off" and not graph_blockers(cfg, processes)
-    micro_steps = total * cfg.optim.grad_accum
-    if graphed:
-        return micro_steps * cfg.schedule.batch_size >= COMPILE_MIN_SAMPLES_GRAPHED
-    return micro_steps >= COMPILE_MIN_STEPS_EAGER
+    batches = steps * cfg.optim.grad_accum
+    if graphs:
+        return batches * cfg.schedule.batch_size >= COMPILE_MIN_SAMPLES_GRAPHED
+    return batches >= COMPILE_MIN_BATCHES_EAGER
 
 
 # channels-last helps graphed steps up to this many latent pixels per batch (batch x (resolution / 8)^2):
@@ -162,8 +163,8 @@ def use_graphs(cfg: TrainConfig, processes: int, device: torch.device) -> bool:
     return True
 
 
-def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total: int,
-              graphs: bool, processes: int = 1) -> torch.nn.Module:
+def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps: int,
+              graphs: bool) -> torch.nn.Module:
     """The UNet callable of the training step: channels-last, half-precision norms and compiled as configured.
 
     `auto` compiles on CUDA for runs long enough that it pays for itself (`compiles`). Under a graphed
@@ -180,7 +181,7 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, total:
         model.unet.to(memory_format=torch.channels_last)
     if perf.half_norms and model.unet.dtype in HALF:  # a half-precision base means mixed precision is on
         log.info("normalisations run in the compute dtype: %d layers", use_half_norms(model.unet))
-    if not compiles(cfg, device, total, processes):
+    if not compiles(cfg, device, steps, graphs):
         return model.unet
     plain_adapters(model.unet)
     if perf.compile_scope == "blocks":
@@ -216,7 +217,14 @@ def compile_blocks(unet: torch.nn.Module) -> int:
     blocks = [m for m in unet.modules() if type(m).__name__ in BLOCKS]
     for m in blocks:
         m.compile(dynamic=False)
+    unet.compiled_blocks = len(blocks)
     return len(blocks)
+
+
+def has_compiled_blocks(unet: torch.nn.Module) -> bool:
+    """Whether compile_blocks compiled blocks of `unet` in place (they would then run inside a sampling
+    graph, which no test has checked on a GPU yet)."""
+    return bool(getattr(unet, "compiled_blocks", 0))
 
 
 @contextlib.contextmanager

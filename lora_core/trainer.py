@@ -34,6 +34,7 @@ from .fast_step import (
     StepInputs,
     conv_autotune,
     fast_unet,
+    has_compiled_blocks,
     make_capturable,
     step_autocast,
     use_graphs,
@@ -182,8 +183,8 @@ def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, module
     s = cfg.sampling
     prompts = s.prompts
     # graphed sampling UNet unless graphs are switched off; a compiled training UNet is left as it was
-    # (tests/test_graphed_unet.py: previews recompile nothing)
-    graphs = cfg.performance.cuda_graphs != "off"
+    # (tests/test_graphed_unet.py: previews recompile nothing); blocks compiled in place stay eager
+    graphs = cfg.performance.cuda_graphs != "off" and not has_compiled_blocks(model.unet)
     pics = previews(model, modules, prompts, s.scales, seed=s.seed, steps=s.steps, guidance=s.cfg,
                     size=s.size or cfg.data.resolution, negative=s.negative_prompt, graphs=graphs,
                     attention=cfg.performance.attention)
@@ -217,11 +218,11 @@ class Stepper:
     """
 
     def __init__(self, cfg: TrainConfig, model: LoadedModel, modules: dict, data: TrainData, text,
-                 opt: torch.optim.Optimizer, acc: Accelerator, total: int) -> None:
+                 opt: torch.optim.Optimizer, acc: Accelerator, total: int, start: int = 0) -> None:
         self.cfg, self.model, self.data, self.text, self.opt, self.acc = cfg, model, data, text, opt, acc
         self.params, self.modules = lora_parameters(modules), modules
         graphs = use_graphs(cfg, acc.num_processes, acc.device)
-        self.unet = fast_unet(cfg, model, acc.device, total, graphs, acc.num_processes)
+        self.unet = fast_unet(cfg, model, acc.device, total - start, graphs)
         self.sched = model.noise_scheduler()
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(acc.device)
         self.graphed = GraphedStep(self._update, opt) if graphs else None
@@ -319,7 +320,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
         with parking.back():
             sample = _previews(0, run, cfg, model, modules)
         yield emit(sample)
-    stepper = Stepper(cfg, model, modules, data, text, opt, acc, total)
+    stepper = Stepper(cfg, model, modules, data, text, opt, acc, total, step)
     t0, last_good, seen, start, pending = time.perf_counter(), "", 0, step, []
     every = 1 if acc.device.type == "cpu" else max(1, cfg.performance.log_every)  # loss read-backs sync the GPU
     try:

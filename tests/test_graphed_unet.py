@@ -93,6 +93,7 @@ def test_previews_between_compiled_training_steps_recompile_nothing():
     UNet's guards, or each preview would cost a recompile (minutes on a GPU)."""
     from torch._dynamo.testing import CompileCounter
 
+    torch._dynamo.reset()  # compiles of earlier tests in this process must not count against the limit
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on the GPU machine the graphs are captured too
     model, modules = _model(device)
     model.unet.train()
