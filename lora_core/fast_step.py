@@ -182,6 +182,9 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
     if perf.half_norms and model.unet.dtype in HALF:  # a half-precision base means mixed precision is on
         log.info("normalisations run in the compute dtype: %d layers", use_half_norms(model.unet))
     if not compiles(cfg, device, steps, graphs):
+        if perf.compile == "auto" and device.type == "cuda":
+            log.info("the UNet is not compiled: too short a run to win the compile time back "
+                     "(`performance.compile = on` compiles it anyway)")
         return model.unet
     plain_adapters(model.unet)
     if perf.compile_scope == "blocks":
