@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from unittest.mock import patch
 
 import torch
+import torch._inductor.config
 
 from lora_core.config import resolve
 from lora_core.dataset import write_example_dataset
@@ -33,7 +34,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra TrainConfig overrides")
     ap.add_argument("--keep-kernel", action="store_true",
                     help="a compiled UNet's adapters keep the fused kernel (the trainer gives them the plain path)")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="a torch._inductor.config setting for a compiled run, e.g. combo_kernels=true")
     a = ap.parse_args()
+    for kv in a.inductor:
+        key, value = kv.split("=", 1)
+        setattr(torch._inductor.config, key, json.loads(value))
     res = RES[a.model]
     data = tempfile.mkdtemp()
     write_example_dataset(data, n=16, size=res)
@@ -57,7 +63,7 @@ def main() -> None:
             if ev.kind == "failed":
                 raise SystemExit(ev.message)
     ms = (marks[a.warmup + a.steps] - marks[a.warmup]) / a.steps * 1000
-    extra = a.set + (["keep_kernel"] if a.keep_kernel else [])
+    extra = a.set + (["keep_kernel"] if a.keep_kernel else []) + [f"inductor.{kv}" for kv in a.inductor]
     print(json.dumps({"impl": "ours", "model": a.model, "batch": a.batch, "gc": a.gc, "te": a.te,
                       "extra": extra, "ms_per_step": round(ms, 2), "samples_per_s": round(a.batch * 1000 / ms, 2),
                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .attention import attention_kernels
+from .errors import AdapterError
 from .export import Adapter, LayerWeights, apply_adapter, check_fits, load_adapter
 from .graphed_unet import graphed
 from .inject import remove, set_multiplier, set_per_image
@@ -81,11 +82,13 @@ def preview_batch(model: LoadedModel, size: int | tuple[int, int] | None) -> int
 
 
 def previews(model: LoadedModel, modules: dict[str, LoRAModule], prompts: Sequence[str],
-             scales: Sequence[float], *, seed: int = 0, batch: int | None = None,
+             scales: Sequence[float], *, seed: int = 0, batch: int | None = None, merge: bool | None = None,
              **kw: object) -> list[tuple[str, float, Image.Image]]:
     """Preview images of every prompt at each multiplier in `scales` (prompt i from seed + i at every
     scale), drawn `batch` at a time (default: preview_batch), each image with its own multiplier; the
-    training multiplier (1) is restored after."""
+    training multiplier (1) is restored after. A batch at one non-zero weight is drawn with the adapters
+    merged into the base weights when `merge` (default: on a GPU, where it saves the adapters' hundreds
+    of small kernels per UNet call); unmerging restores the exact base weights."""
     roots = [model.unet, *model.text_encoders]
     was_training = [r.training for r in roots]
     for r in roots:
@@ -100,6 +103,8 @@ def previews(model: LoadedModel, modules: dict[str, LoRAModule], prompts: Sequen
             if len(set(weights)) == 1:  # one weight for all: the plain path (weight 0 skips the adapters)
                 set_per_image(modules, None)
                 set_multiplier(modules, weights[0])
+                if weights[0] != 0 and (merge if merge is not None else model.unet.device.type == "cuda"):
+                    _merge(modules)
             else:
                 set_per_image(modules, weights)
             pics = draw(model, [p for _, p, _ in part], seeds=[seed + i for i, _, _ in part], batch=batch, **kw)
@@ -110,6 +115,17 @@ def previews(model: LoadedModel, modules: dict[str, LoRAModule], prompts: Sequen
         for r, t in zip(roots, was_training, strict=True):
             r.train(t)
     return out
+
+
+def _merge(modules: dict[str, LoRAModule]) -> None:
+    """Merge every adapter at its multiplier; if one will not merge (non-finite weights), none is."""
+    try:
+        for m in modules.values():
+            m.merge()
+    except AdapterError as e:
+        log.warning("preview drawn with the adapters unmerged: %s", e)
+        for m in modules.values():
+            m.unmerge()
 
 
 def generate(base: str | LoadedModel, prompts: Sequence[str], *, loras: Sequence[tuple[str, float]] = (),

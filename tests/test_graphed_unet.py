@@ -111,3 +111,49 @@ def test_previews_between_compiled_training_steps_recompile_nothing():
     compiled(x, t, emb).sample.sum().backward()
     assert counter.frame_count == 1
     assert model.unet.training and "forward" not in model.unet.__dict__
+
+
+def _lone_preview(model, modules, merge: bool, monkeypatch) -> np.ndarray:
+    import lora_core.sampling as sampling
+
+    seen, draw_as_is = [], sampling.draw
+
+    def spy(*args, **kw):
+        seen.append(all(m.merged for m in modules.values()))
+        return draw_as_is(*args, **kw)
+
+    monkeypatch.setattr(sampling, "draw", spy)
+    pics = previews(model, modules, PROMPTS, [1.0], seed=3, steps=4, guidance=5.0, merge=merge)
+    monkeypatch.setattr(sampling, "draw", draw_as_is)
+    assert seen == [merge]  # drawn with every adapter merged, or with none
+    return np.asarray(pics[0][2]).astype(int)
+
+
+def test_merged_previews_draw_the_unmerged_image_and_restore_the_base_exactly(monkeypatch):
+    model, modules = _model("cpu")
+    with torch.no_grad():
+        for m in modules.values():
+            m.lora_up.weight.mul_(4.0)
+    base = {k: v.clone() for k, v in model.unet.state_dict().items() if "lora_" not in k}
+    unmerged = _lone_preview(model, modules, False, monkeypatch)
+    merged = _lone_preview(model, modules, True, monkeypatch)
+    at_zero = np.asarray(previews(model, modules, PROMPTS, [0.0], seed=3, steps=4, guidance=5.0)[0][2]).astype(int)
+    assert np.abs(unmerged - at_zero).max() > 12  # the adapter shows...
+    assert np.abs(unmerged - merged).max() <= 1  # ...and merging draws the same image
+    assert not any(m.merged for m in modules.values())
+    after = model.unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base.items())  # bit for bit
+
+
+def test_a_preview_of_an_adapter_that_will_not_merge_is_drawn_unmerged(caplog):
+    model, modules = _model("cpu")
+    first = next(iter(modules.values()))
+    with torch.no_grad():
+        first.lora_up.weight.fill_(float("inf"))  # merging would write infinite weights: refused
+    base = {k: v.clone() for k, v in model.unet.state_dict().items() if "lora_" not in k}
+    pics = previews(model, modules, PROMPTS, [1.0], steps=2, guidance=5.0, merge=True)
+    assert len(pics) == 1
+    assert "unmerged" in caplog.text
+    assert not any(m.merged for m in modules.values())
+    after = model.unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base.items())
