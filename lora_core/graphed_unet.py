@@ -5,7 +5,9 @@ the host (bench/RESULTS.md). `graphed(unet)` replaces the module's forward, for 
 block, by one that captures a graph per input shape and adapter state and replays it. The graph reads
 the weights where they live, so LoRA weights trained in place between previews are seen; a change of
 storage (a `.to()`, channels-last) or of any adapter multiplier gives a new key and a new capture.
-Calls the graph cannot stand for (training mode, extra arguments) run eagerly.
+Calls the graph cannot stand for (training mode, extra arguments) run eagerly. With `compiled` the
+graphs are captured from a torch.compile of the forward (about a minute to compile SD1.5 on first use;
+then a third less time per call, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -33,14 +35,21 @@ def _per_image_key(m: LoRAModule) -> tuple | None:
 class GraphedUNet:
     """Graph cache of one UNet's inference forward."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, compiled: bool = False) -> None:
         self.unet = unet
+        self.compiled = torch.compile(type(unet).forward, dynamic=False) if compiled else None
         self.adapters = [m for m in unet.modules() if isinstance(m, LoRAModule)]
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = OrderedDict()
         self.pool = None
 
     def _eager(self, *args, **kwargs):
         return type(self.unet).forward(self.unet, *args, **kwargs)
+
+    def _captured(self, *args, **kwargs):
+        """The forward a graph records: compiled if asked for, else eager."""
+        if self.compiled is None:
+            return self._eager(*args, **kwargs)
+        return self.compiled(self.unet, *args, **kwargs)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
                 added_cond_kwargs: dict | None = None, return_dict: bool = True, **extra):
@@ -69,9 +78,10 @@ class GraphedUNet:
 
         def run() -> torch.Tensor:
             added = dict(zip(names, static[3:], strict=True)) or None
-            return self._eager(static[0], static[1], static[2], added_cond_kwargs=added, return_dict=False)[0]
+            return self._captured(static[0], static[1], static[2], added_cond_kwargs=added, return_dict=False)[0]
 
-        log.info("capturing the sampling UNet for %s", tuple(inputs[0].shape))
+        log.info("capturing the sampling UNet for %s%s", tuple(inputs[0].shape),
+                 " (compiling it first: about a minute)" if self.compiled is not None else "")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(side):
@@ -87,11 +97,13 @@ class GraphedUNet:
 
 
 @contextmanager
-def graphed(unet: torch.nn.Module) -> Iterator[None]:
-    """Within the block, `unet(...)` replays CUDA graphs (kept across blocks for the same UNet)."""
+def graphed(unet: torch.nn.Module, compiled: bool = False) -> Iterator[None]:
+    """Within the block, `unet(...)` replays CUDA graphs (kept across blocks for the same UNet), recorded
+    from a compiled forward if `compiled`."""
     g = unet.__dict__.get("_graphed_sampling")
-    if g is None or {id(m) for m in g.adapters} != {id(m) for m in unet.modules() if isinstance(m, LoRAModule)}:
-        g = GraphedUNet(unet)  # first use, or adapters injected or removed since: start afresh
+    adapters = {id(m) for m in unet.modules() if isinstance(m, LoRAModule)}
+    if g is None or {id(m) for m in g.adapters} != adapters or (g.compiled is not None) != compiled:
+        g = GraphedUNet(unet, compiled)  # first use, adapters injected or removed, or compiling switched
         unet.__dict__["_graphed_sampling"] = g
     unet.forward = g.forward
     try:

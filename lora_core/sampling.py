@@ -53,14 +53,16 @@ def cached_model(base: str, device: str = "auto") -> LoadedModel:
 @torch.no_grad()
 def draw(model: LoadedModel, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, guidance: float = 7.0,
          size: int | tuple[int, int] | None = None, negative: str = "", graphs: bool = True,
-         attention: str = "auto", seeds: Sequence[int] | None = None, batch: int = 1) -> list[Image.Image]:
+         attention: str = "auto", seeds: Sequence[int] | None = None, batch: int = 1,
+         compiled: bool = False) -> list[Image.Image]:
     """One image per prompt with the model as it is now (adapters at their current multipliers), image i
     from seed `seeds[i]` (default seed + i), `batch` images per pipeline call. On a GPU the UNet is replayed
-    from CUDA graphs unless `graphs` is False. `attention`: lora_core/attention.py."""
+    from CUDA graphs unless `graphs` is False, recorded from a torch.compile of it if `compiled`.
+    `attention`: lora_core/attention.py."""
     w, h = (size, size) if isinstance(size, int) else (size or (model.resolution, model.resolution))
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     images = []
-    replay = graphed(model.unet) if graphs and model.unet.device.type == "cuda" else nullcontext()
+    replay = graphed(model.unet, compiled) if graphs and model.unet.device.type == "cuda" else nullcontext()
     with replay, attention_kernels(attention, model.unet.device):
         for i in range(0, len(prompts), batch):
             part = list(prompts[i:i + batch])

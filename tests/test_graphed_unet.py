@@ -57,6 +57,22 @@ def test_graphed_sampling_draws_the_eager_image_at_every_weight():
     assert np.abs(after - eager_after).max() <= 2  # ...exactly as the eager UNet does
 
 
+@pytest.mark.gpu
+def test_compiled_graphed_sampling_draws_the_eager_image():
+    """`sampling.compile`: the sampling graph is recorded from a torch.compile of the UNet."""
+    torch._dynamo.reset()
+    model, modules = _model("cuda")
+    with torch.no_grad():
+        for m in modules.values():
+            m.lora_up.weight.mul_(4.0)
+    eager = _pixels(model, False)
+    compiled = np.asarray(draw(model, PROMPTS, steps=6, guidance=5.0, compiled=True)[0]).astype(int)
+    assert model.unet.__dict__["_graphed_sampling"].compiled is not None
+    assert np.abs(eager - compiled).max() <= 2
+    set_multiplier(modules, 0.0)
+    assert np.abs(_pixels(model, False) - eager).max() > 6  # the adapter shows in what was compared
+
+
 def _preview_pixels(model, modules, batch: int) -> list[np.ndarray]:
     pics = previews(model, modules, PROMPTS * 2, [0.0, 1.0, 0.5], seed=3, steps=4, guidance=5.0, batch=batch)
     assert [(p, s) for p, s, _ in pics] == [(PROMPTS[0], s) for s in (0.0, 0.0, 1.0, 1.0, 0.5, 0.5)]
