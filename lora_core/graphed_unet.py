@@ -38,6 +38,7 @@ class GraphedUNet:
     def __init__(self, unet: torch.nn.Module, compiled: bool = False) -> None:
         self.unet = unet
         self.compiled = torch.compile(type(unet).forward, dynamic=False) if compiled else None
+        self.layout: tuple | None = None  # the weights' storage the compiled code was made for
         self.adapters = [m for m in unet.modules() if isinstance(m, LoRAModule)]
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = OrderedDict()
         self.pool = None
@@ -45,11 +46,16 @@ class GraphedUNet:
     def _eager(self, *args, **kwargs):
         return type(self.unet).forward(self.unet, *args, **kwargs)
 
-    def _captured(self, *args, **kwargs):
-        """The forward a graph records: compiled if asked for, else eager."""
-        if self.compiled is None:
-            return self._eager(*args, **kwargs)
-        return self.compiled(self.unet, *args, **kwargs)
+    def _recorder(self, layout: tuple):
+        """The forward a graph records: compiled if asked for, else eager. Compiled code assumes the
+        weights' strides it was made for and its guards do not check them, so after a change of storage
+        (channels-last) graphs are recorded eagerly."""
+        if self.compiled is not None and self.layout in (None, layout):
+            self.layout = layout
+            return lambda *args, **kwargs: self.compiled(self.unet, *args, **kwargs)
+        if self.compiled is not None:
+            log.warning("the UNet's weights moved since the sampling UNet was compiled: sampling runs uncompiled")
+        return self._eager
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
                 added_cond_kwargs: dict | None = None, return_dict: bool = True, **extra):
@@ -75,13 +81,14 @@ class GraphedUNet:
 
     def _capture(self, key: tuple, inputs: list[torch.Tensor], names: list[str]) -> None:
         static = [x.clone() for x in inputs]
+        forward = self._recorder(key[-1])
 
         def run() -> torch.Tensor:
             added = dict(zip(names, static[3:], strict=True)) or None
-            return self._captured(static[0], static[1], static[2], added_cond_kwargs=added, return_dict=False)[0]
+            return forward(static[0], static[1], static[2], added_cond_kwargs=added, return_dict=False)[0]
 
         log.info("capturing the sampling UNet for %s%s", tuple(inputs[0].shape),
-                 " (compiling it first: about a minute)" if self.compiled is not None else "")
+                 " (compiling it first: about a minute)" if forward is not self._eager else "")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(side):

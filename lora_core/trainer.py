@@ -316,11 +316,13 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
         return event
 
     yield emit(Started(str(run), total, step, len(data.items), str(acc.device), cfg.to_dict()))
+    # before any preview: the step's UNet layout (channels-last) is then the one every preview sees, so
+    # sampling graphs (and a compiled sampling UNet) are made once
+    stepper = Stepper(cfg, model, modules, data, text, opt, acc, total, step)
     if main and step == 0 and cfg.sampling.prompts:
         with parking.back():
             sample = _previews(0, run, cfg, model, modules)
         yield emit(sample)
-    stepper = Stepper(cfg, model, modules, data, text, opt, acc, total, step)
     t0, last_good, seen, start, pending = time.perf_counter(), "", 0, step, []
     every = 1 if acc.device.type == "cpu" else max(1, cfg.performance.log_every)  # loss read-backs sync the GPU
     try:

@@ -1,6 +1,8 @@
 """Sampling from a graphed UNet draws what the eager UNet draws, and sees adapter changes made since
 the capture. The equality tests need a CUDA GPU (marker `gpu`); the fallback test runs anywhere."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -58,7 +60,7 @@ def test_graphed_sampling_draws_the_eager_image_at_every_weight():
 
 
 @pytest.mark.gpu
-def test_compiled_graphed_sampling_draws_the_eager_image():
+def test_compiled_graphed_sampling_draws_the_eager_image(caplog):
     """`sampling.compile`: the sampling graph is recorded from a torch.compile of the UNet."""
     torch._dynamo.reset()
     model, modules = _model("cuda")
@@ -69,6 +71,11 @@ def test_compiled_graphed_sampling_draws_the_eager_image():
     compiled = np.asarray(draw(model, PROMPTS, steps=6, guidance=5.0, compiled=True)[0]).astype(int)
     assert model.unet.__dict__["_graphed_sampling"].compiled is not None
     assert np.abs(eager - compiled).max() <= 2
+    model.unet.to(memory_format=torch.channels_last)  # weights moved: the compiled code no longer fits them
+    with caplog.at_level(logging.WARNING):
+        moved = np.asarray(draw(model, PROMPTS, steps=6, guidance=5.0, compiled=True)[0]).astype(int)
+    assert "uncompiled" in caplog.text
+    assert np.abs(eager - moved).max() <= 2
     set_multiplier(modules, 0.0)
     assert np.abs(_pixels(model, False) - eager).max() > 6  # the adapter shows in what was compared
 
