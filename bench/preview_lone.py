@@ -1,6 +1,6 @@
 """A lone preview image (SD1.5 512, 25 steps, CFG 7, weight 1, a rank-16 adapter, bf16) through the
 trainer's preview code (`lora_core.sampling.previews`): adapters computed beside the base (the previous
-default), merged into the base weights (the default on a GPU now), merged with the UNet in channels-last
+default), merged into the base weights (the default on a GPU now), both with the UNet in channels-last
 (a small-batch training run's layout), and each merged layout with the sampling UNet compiled
 (`sampling.compile`; `compile_s` is the first call, mostly compiling).
 Prints one JSON line of medians of `--repeat` images, in seconds."""
@@ -52,6 +52,7 @@ def main() -> None:
         if not a.no_compile:
             row["merged_compiled"] = median(True, compiled=True)
         model.unet.to(memory_format=torch.channels_last)
+        row["unmerged_channels_last"] = median(False)
         row["merged_channels_last"] = median(True)
         if not a.no_compile:
             torch._dynamo.reset()  # a run sets its layout once, before its first preview; so does this row
