@@ -1,9 +1,12 @@
 """A lone preview image (SD1.5 512, 25 steps, CFG 7, weight 1, a rank-16 adapter, bf16) through the
-trainer's preview code (`lora_core.sampling.previews`): adapters computed beside the base (the previous
-default), merged into the base weights (the default on a GPU now), both with the UNet in channels-last
-(a small-batch training run's layout), and each merged layout with the sampling UNet compiled
-(`sampling.compile`; `compile_s` is the first call, mostly compiling).
-Prints one JSON line of medians of `--repeat` images, in seconds."""
+trainer's preview code (`lora_core.sampling.previews`), in the UNet's contiguous layout (batch ≥ 8 runs)
+and in channels-last (batch ≤ 4 runs); for each, the adapters computed beside the base (the default) or
+merged into the base weights (`merge=True`), with the sampling UNet replayed from CUDA graphs as it is or
+compiled (`sampling.compile`; `compile_s` holds each compiled row's first call, mostly compiling).
+Prints one JSON line per row, medians of `--repeat` images in seconds, as each row finishes.
+
+    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...]
+"""
 
 from __future__ import annotations
 
@@ -17,12 +20,16 @@ from lora_core.inject import inject
 from lora_core.models import load_model
 from lora_core.sampling import previews
 
+ROWS = ("unmerged", "merged", "unmerged_compiled", "merged_compiled", "unmerged_channels_last",
+        "merged_channels_last", "unmerged_compiled_channels_last", "merged_compiled_channels_last")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated, from: " + ", ".join(ROWS))
     a = ap.parse_args()
+    rows = a.rows.split(",")
     model = load_model("full:sd15", device=torch.device("cuda"))
     model.pipe.to(dtype=torch.bfloat16)
     model.pipe.set_progress_bar_config(disable=True)
@@ -30,7 +37,7 @@ def main() -> None:
     for m in modules.values():
         torch.nn.init.normal_(m.lora_up.weight, std=1e-3)
 
-    def one(merge: bool, compiled: bool = False) -> float:
+    def one(merge: bool, compiled: bool) -> float:
         torch.cuda.synchronize()
         t = time.perf_counter()
         previews(model, modules, ["a red circle on a white background"], [1.0], steps=25, guidance=7.0,
@@ -38,27 +45,19 @@ def main() -> None:
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    def median(merge: bool, compiled: bool = False) -> float:
+    for name in (r for r in ROWS if r in rows):  # contiguous rows first, then channels-last
+        if name.endswith("channels_last") and model.unet.conv_in.weight.is_contiguous():
+            model.unet.to(memory_format=torch.channels_last)
+            torch._dynamo.reset()  # a run sets its layout once, before its first preview; so does this bench
+            model.unet.__dict__.pop("_sampling_compiled_layout", None)
+        merge, compiled = name.startswith("merged"), "compiled" in name
         first = one(merge, compiled)  # the sampling graph's capture (and compile)
-        if compiled:
-            row.setdefault("compile_s", []).append(round(first, 1))
         times = sorted(one(merge, compiled) for _ in range(a.repeat))
-        return round(times[len(times) // 2], 4)
-
-    row: dict = {"preview_lone": "full:sd15", "steps": 25, "cfg": 7.0}
-    try:
-        row["unmerged"] = median(False)
-        row["merged"] = median(True)
-        if not a.no_compile:
-            row["merged_compiled"] = median(True, compiled=True)
-        model.unet.to(memory_format=torch.channels_last)
-        row["unmerged_channels_last"] = median(False)
-        row["merged_channels_last"] = median(True)
-        if not a.no_compile:
-            torch._dynamo.reset()  # a run sets its layout once, before its first preview; so does this row
-            row["merged_compiled_channels_last"] = median(True, compiled=True)
-    finally:
-        print(json.dumps(row))
+        row = {"preview_lone": "full:sd15", "steps": 25, "cfg": 7.0, "row": name,
+               "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4)}
+        if compiled:
+            row["compile_s"] = round(first, 1)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

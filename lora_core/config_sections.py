@@ -165,9 +165,9 @@ class SamplingConfig:
     size: int = _f(0, "Preview width and height in pixels. 0 = the training resolution.",
                    bounds=(0, 2048), multiple_of=8)
     compile: bool = _f(False, "torch.compile the preview UNet (GPU, with CUDA graphs on): about a minute "
-                       "once per run, then each preview a quarter to a third faster (a lone SD1.5 512 px "
-                       "image 0.26-0.28 s instead of 0.36-0.43 s on an H200). For long runs with frequent "
-                       "previews.")
+                       "per kind of preview batch (its size, one weight or several), then each preview "
+                       "faster (a lone SD1.5 512 px image 0.26-0.28 s instead of 0.36-0.43 s on an "
+                       "H200). For long runs with frequent previews.")
 
 
 @dataclass

@@ -38,7 +38,7 @@ class GraphedUNet:
     def __init__(self, unet: torch.nn.Module, compiled: bool = False) -> None:
         self.unet = unet
         self.compiled = torch.compile(type(unet).forward, dynamic=False) if compiled else None
-        self.layout: tuple | None = None  # the weights' storage the compiled code was made for
+        self.compile_failed = False
         self.adapters = [m for m in unet.modules() if isinstance(m, LoRAModule)]
         self.graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = OrderedDict()
         self.pool = None
@@ -48,14 +48,15 @@ class GraphedUNet:
 
     def _recorder(self, layout: tuple):
         """The forward a graph records: compiled if asked for, else eager. Compiled code assumes the
-        weights' strides it was made for and its guards do not check them, so after a change of storage
-        (channels-last) graphs are recorded eagerly."""
-        if self.compiled is not None and self.layout in (None, layout):
-            self.layout = layout
-            return lambda *args, **kwargs: self.compiled(self.unet, *args, **kwargs)
-        if self.compiled is not None:
+        weights' strides it was made for and its guards (torch 2.11) do not check them, so after a change
+        of storage (channels-last) graphs are recorded eagerly. The layout is kept on the UNet: compiled
+        code outlives this object."""
+        if self.compiled is None or self.compile_failed:
+            return self._eager
+        if self.unet.__dict__.setdefault("_sampling_compiled_layout", layout) != layout:
             log.warning("the UNet's weights moved since the sampling UNet was compiled: sampling runs uncompiled")
-        return self._eager
+            return self._eager
+        return lambda *args, **kwargs: self.compiled(self.unet, *args, **kwargs)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *,
                 added_cond_kwargs: dict | None = None, return_dict: bool = True, **extra):
@@ -92,7 +93,16 @@ class GraphedUNet:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(side):
-            run()  # warm-up: cuDNN/cuBLAS choices and allocations happen outside the capture
+            try:
+                run()  # warm-up (and compile): cuDNN/cuBLAS choices and allocations happen outside the capture
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # a failed compile must not end a training run: record the eager forward
+                if forward is self._eager:
+                    raise
+                log.warning("compiling the sampling UNet failed, sampling runs uncompiled: %s", e)
+                self.compile_failed, forward = True, self._eager
+                run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):

@@ -84,13 +84,14 @@ def preview_batch(model: LoadedModel, size: int | tuple[int, int] | None) -> int
 
 
 def previews(model: LoadedModel, modules: dict[str, LoRAModule], prompts: Sequence[str],
-             scales: Sequence[float], *, seed: int = 0, batch: int | None = None, merge: bool | None = None,
+             scales: Sequence[float], *, seed: int = 0, batch: int | None = None, merge: bool = False,
              **kw: object) -> list[tuple[str, float, Image.Image]]:
     """Preview images of every prompt at each multiplier in `scales` (prompt i from seed + i at every
     scale), drawn `batch` at a time (default: preview_batch), each image with its own multiplier; the
-    training multiplier (1) is restored after. A batch at one non-zero weight is drawn with the adapters
-    merged into the base weights when `merge` (default: on a GPU, where it saves the adapters' hundreds
-    of small kernels per UNet call); unmerging restores the exact base weights."""
+    training multiplier (1) is restored after. With `merge`, a batch at one non-zero weight is drawn with
+    the adapters merged into the base weights (unmerging restores them exactly). Off by default: on a GPU
+    0-8% faster (bench/RESULTS.md), but a bf16 weight drops every part of the adapter's change smaller
+    than half its rounding step, so an early preview would under-show what the adapter has learned."""
     roots = [model.unet, *model.text_encoders]
     was_training = [r.training for r in roots]
     for r in roots:
@@ -105,7 +106,7 @@ def previews(model: LoadedModel, modules: dict[str, LoRAModule], prompts: Sequen
             if len(set(weights)) == 1:  # one weight for all: the plain path (weight 0 skips the adapters)
                 set_per_image(modules, None)
                 set_multiplier(modules, weights[0])
-                if weights[0] != 0 and (merge if merge is not None else model.unet.device.type == "cuda"):
+                if merge and weights[0] != 0:
                     _merge(modules)
             else:
                 set_per_image(modules, weights)

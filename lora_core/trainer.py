@@ -317,7 +317,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
 
     yield emit(Started(str(run), total, step, len(data.items), str(acc.device), cfg.to_dict()))
     # before any preview: the step's UNet layout (channels-last) is then the one every preview sees, so
-    # sampling graphs (and a compiled sampling UNet) are made once
+    # sampling graphs (and a compiled sampling UNet) are made once per kind of preview batch
     stepper = Stepper(cfg, model, modules, data, text, opt, acc, total, step)
     if main and step == 0 and cfg.sampling.prompts:
         with parking.back():
