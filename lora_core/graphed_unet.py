@@ -7,7 +7,7 @@ the weights where they live, so LoRA weights trained in place between previews a
 storage (a `.to()`, channels-last) or of any adapter multiplier gives a new key and a new capture.
 Calls the graph cannot stand for (training mode, extra arguments) run eagerly. With `compiled` the
 graphs are captured from a torch.compile of the forward (about a minute to compile SD1.5 on first use;
-then a quarter to a third less time per preview, bench/RESULTS.md).
+then about a third less time per preview, bench/RESULTS.md).
 """
 
 from __future__ import annotations
