@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# Does keeping the fused LoRA kernel under the compiler beat the plain adapter path (the trainer's choice)?
-# The compiled SD1.5 batch-16 step both ways and the reference, in one run; one JSON line per row,
-# `warmup_s` of a compiled row is mostly its compile.
-# Usage: bench/experiment.sh OUT.jsonl   (about 8 minutes on a fresh H200, most of it compiling)
-# Where channels-last loses time when compiled, in a second call:
+# The next questions of the compiled step, each in one call of the device tool (one JSON line per row;
+# a compiled row's `warmup_s` is mostly its compile; about 8-9 minutes each on a fresh H200):
+#   bench/experiment.sh kernel OUT.jsonl   does keeping the fused LoRA kernel under the compiler beat the
+#                                          plain adapter path (the trainer's choice)? SD1.5 batch 16
+#   bench/experiment.sh combo OUT.jsonl    does inductor's horizontal fusion (combo_kernels) cut the
+#                                          batch-1 step's thousands of small kernels? SD1.5 batch 1
+# Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
+#   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-out=${1:-bench/experiment.jsonl}
+which=${1:?kernel or combo}
+out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
-row() { timeout 240 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
-row bench/reference.py --model full:sd15 --batch 16
-row bench/ours.py --batch 16 --set performance.compile=on
-row bench/ours.py --batch 16 --set performance.compile=on --keep-kernel
+row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
+case $which in
+  kernel)
+    row bench/reference.py --model full:sd15 --batch 16
+    row bench/ours.py --batch 16 --set performance.compile=on
+    row bench/ours.py --batch 16 --set performance.compile=on --keep-kernel ;;
+  combo)
+    row bench/reference.py --model full:sd15 --batch 1
+    row bench/ours.py --batch 1 --warmup 10 --set performance.compile=on
+    row bench/ours.py --batch 1 --warmup 10 --set performance.compile=on --inductor combo_kernels=true ;;
+  *) echo "unknown experiment: $which (kernel or combo)" >&2; exit 2 ;;
+esac
