@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterError
@@ -41,6 +42,13 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return out.to(weight.dtype)
 
 
+def _layer(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` computed with `weight` in place of the layer's own (LoRA layers have no bias)."""
+    if isinstance(layer, nn.Conv2d):
+        return layer._conv_forward(x, weight, None)
+    return F.linear(x, weight)
+
+
 class LoRAModule(nn.Module):
     """Shared state of LoRALinear and LoRAConv2d: scaling, multiplier, merge bookkeeping."""
 
@@ -60,6 +68,7 @@ class LoRAModule(nn.Module):
         self.fused = True  # run through lora_fused where it applies (`performance.fused_lora`)
         self._merged_as: float | None = None  # multiplier baked into base.weight, if merged
         self._original: torch.Tensor | None = None
+        self.work: tuple[torch.Tensor, torch.Tensor] | None = None  # half copies of down/up (working_copy.py)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
 
@@ -101,12 +110,12 @@ class LoRAModule(nn.Module):
         dtype; otherwise the LoRA weights' dtype (fp32). The activations are never cast: they are large,
         the adapter's weights are small."""
         if torch.is_autocast_enabled(x.device.type):
-            h = self.lora_up(self.lora_down(self.dropout(x)))
+            h = self._adapter(self.dropout(x))
         elif x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cuda":
             with torch.autocast("cuda", dtype=x.dtype):
-                h = self.lora_up(self.lora_down(self.dropout(x)))
+                h = self._adapter(self.dropout(x))
         else:
-            h = self.lora_up(self.lora_down(self.dropout(x.to(self.lora_down.weight.dtype))))
+            h = self._adapter(self.dropout(x.to(self.lora_down.weight.dtype)))
         if self.per_image is None:
             return h * (self.multiplier * self.scale)
         # the pipeline runs [negative prompts..., prompts...] as one batch under CFG: the images' multipliers
@@ -114,12 +123,18 @@ class LoRAModule(nn.Module):
         m = self.per_image.repeat(h.shape[0] // self.per_image.shape[0]) * self.scale
         return h * m.to(h.dtype).view(-1, *[1] * (h.dim() - 1))
 
+    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
+        """up(down(x)), with the step's working copy of the weights when one is set."""
+        if self.work is None:
+            return self.lora_up(self.lora_down(x))
+        return _layer(self.lora_up, _layer(self.lora_down, x, self.work[0]), self.work[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.per_image is None and self.multiplier == 0:
             return self.base(x)
         if self._fuses():
             return lora_linear(x, self.base, self.lora_down.weight, self.lora_up.weight,
-                               self.multiplier * self.scale)
+                               self.multiplier * self.scale, self.work)
         y = self.base(x)
         return y + self.lora_forward(x).to(y.dtype)
 

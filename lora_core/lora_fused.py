@@ -30,8 +30,8 @@ class _LoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
-                up: torch.Tensor, scale: float) -> torch.Tensor:
-        d, u = down.to(x.dtype), up.to(x.dtype)
+                up: torch.Tensor, scale: float, d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        d, u = d.to(x.dtype), u.to(x.dtype)  # no-ops for a working copy in the compute dtype
         zs = torch.mm(x, d.t()).mul_(scale)  # [N, r]: small, so the scale costs nothing here
         y = F.linear(x, weight, bias)
         if torch.compiler.is_compiling():
@@ -51,11 +51,11 @@ class _LoRALinearFn(torch.autograd.Function):
         x, weight, d, u, zs = ctx.saved_tensors
         g = grad.to(x.dtype)
         gz = torch.mm(g, u).mul_(ctx.scale)  # d loss / d (x D^T)
-        need_x, _, _, need_down, need_up, _ = ctx.needs_input_grad
+        need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
         grad_down = _mm_as(gz.t(), x, ctx.param_dtypes[0]) if need_down else None
         grad_up = _mm_as(g.t(), zs, ctx.param_dtypes[1]) if need_up else None
         grad_x = torch.mm(g, weight).addmm_(gz, d) if need_x else None
-        return grad_x, None, None, grad_down, grad_up, None
+        return grad_x, None, None, grad_down, grad_up, None, None, None
 
 
 def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -78,11 +78,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def lora_linear(x: torch.Tensor, base: torch.nn.Linear, down: torch.Tensor, up: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    """base(x) + scale * up(down(x)) through `_LoRALinearFn`, in the compute dtype of `compute_dtype`."""
+                scale: float, work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """base(x) + scale * up(down(x)) through `_LoRALinearFn`, in the compute dtype of `compute_dtype`.
+    `work`: half-precision copies of down and up to compute with (lora_core/working_copy.py); the
+    gradients still go to the fp32 `down` and `up`."""
     dt = compute_dtype(x)
     bias = None if base.bias is None else base.bias.to(dt)
     x2 = x.to(dt).reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
-        y = _LoRALinearFn.apply(x2, base.weight.to(dt), bias, down, up, scale)
+        d, u = (down, up) if work is None else (work[0].detach(), work[1].detach())
+        y = _LoRALinearFn.apply(x2, base.weight.to(dt), bias, down, up, scale, d, u)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -8,6 +8,7 @@ the main process writes files.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -46,6 +47,7 @@ from .optim import lr_factor, make_optimizer
 from .parking import Parking
 from .sampling import previews, save_png
 from .text_ids import encode_ids, encode_text, token_ids
+from .working_copy import working_copy
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +227,7 @@ class Stepper:
         self.unet = fast_unet(cfg, model, acc.device, total - start, graphs)
         self.sched = model.noise_scheduler()
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(acc.device)
+        self.work = working_copy(modules.values(), acc.mixed_precision, cfg.performance.adapter_copy)
         self.graphed = GraphedStep(self._update, opt) if graphs else None
         if graphs:
             make_capturable(opt)
@@ -249,13 +252,22 @@ class Stepper:
 
     def _update(self, x: StepInputs) -> torch.Tensor:
         """Forward, backward, clipping and the optimizer update of a one-micro-batch step (graph-safe)."""
-        with step_autocast(self.acc):
-            loss = _loss(self.model, self.unet, x, self.cfg.model.clip_skip)
-        loss.backward()
+        with self._adapter_copy():
+            with step_autocast(self.acc):
+                loss = _loss(self.model, self.unet, x, self.cfg.model.clip_skip)
+            loss.backward()
+        self._gradients_back()
         if self.cfg.optim.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm, foreach=True)
         self.opt.step()
         return loss.detach()
+
+    def _adapter_copy(self):
+        return self.work.active() if self.work else contextlib.nullcontext()
+
+    def _gradients_back(self) -> None:
+        if self.work:
+            self.work.gradients_back()
 
     def step(self, step: int) -> torch.Tensor:
         """Run optimizer step `step` (0-based); returns its mean loss as a device tensor (no host sync)."""
@@ -270,9 +282,11 @@ class Stepper:
         loss_sum = torch.zeros((), device=acc.device)
         for micro in range(accum):
             x = self._micro(step * accum + micro)
-            with acc.autocast():
-                loss = _loss(self.model, self.unet, x, cfg.model.clip_skip) / accum
-            loss.backward()
+            with self._adapter_copy():
+                with acc.autocast():
+                    loss = _loss(self.model, self.unet, x, cfg.model.clip_skip) / accum
+                loss.backward()
+            self._gradients_back()
             loss_sum += loss.detach()
         ckpt.average_gradients(acc, self.params)
         if cfg.optim.max_grad_norm > 0:
