@@ -19,7 +19,8 @@ from lora_core.dataset import write_example_dataset
 from lora_core.trainer import train
 
 PLAIN = ["performance.compile=off", "performance.cuda_graphs=off", "performance.fused_lora=false",
-         "performance.half_norms=false", "performance.adapter_copy=false"]
+         "performance.half_norms=false", "performance.adapter_copy=false",
+         "performance.fused_projections=false"]
 VARIANTS = {
     "plain": PLAIN,
     "graphed": ["performance.compile=off"],

@@ -5,8 +5,9 @@
 #                                          plain adapter path (the trainer's choice)? SD1.5 batch 16
 #   bench/experiment.sh combo OUT.jsonl    does inductor's horizontal fusion (combo_kernels) cut the
 #                                          batch-1 step's thousands of small kernels? SD1.5 batch 1
-#   bench/experiment.sh copy OUT.jsonl     the adapters' working copy (performance.adapter_copy) against
-#                                          per-layer casts at SD1.5 batch 1, graphed; then compiled
+#   bench/experiment.sh copy OUT.jsonl     the adapters' working copy (performance.adapter_copy) and the
+#                                          grouped attention projections (fused_projections), each against
+#                                          its absence, at SD1.5 batch 1, graphed; then compiled
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
@@ -28,6 +29,7 @@ case $which in
     row bench/reference.py --model full:sd15 --batch 1
     row bench/ours.py --batch 1
     row bench/ours.py --batch 1 --set performance.adapter_copy=false
+    row bench/ours.py --batch 1 --set performance.fused_projections=false
     row bench/ours.py --batch 1 --warmup 10 --set performance.compile=on ;;
   *) echo "unknown experiment: $which (kernel, combo or copy)" >&2; exit 2 ;;
 esac

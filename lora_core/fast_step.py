@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .fused_projections import fuse_projections
 from .half_norms import HALF, use_half_norms
 from .lora import LoRAModule
 
@@ -181,6 +182,8 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
         model.unet.to(memory_format=torch.channels_last)
     if perf.half_norms and model.unet.dtype in HALF:  # a half-precision base means mixed precision is on
         log.info("normalisations run in the compute dtype: %d layers", use_half_norms(model.unet))
+    if perf.fused_projections:
+        log.info("attention projections grouped into one product each: %d groups", fuse_projections(model.unet))
     if not compiles(cfg, device, steps, graphs):
         if perf.compile == "auto" and device.type == "cuda":
             log.info("the UNet is not compiled: too short a run to win the compile time back "

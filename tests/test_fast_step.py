@@ -134,10 +134,12 @@ def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path):
               "schedule.steps=50", "schedule.batch_size=1", "optim.lr=1e-4", "sampling.enabled=false",
               "performance.log_every=10", "performance.compile=off"]
     plain = ["performance.cuda_graphs=off", "performance.channels_last=off", "performance.attention=flash",
-             "performance.fused_lora=false", "performance.half_norms=false", "performance.adapter_copy=false"]
+             "performance.fused_lora=false", "performance.half_norms=false", "performance.adapter_copy=false",
+             "performance.fused_projections=false"]
     eager, _ = _losses(resolve(overrides=common + plain), tmp_path / "eager")
     fast = ["performance.cuda_graphs=on", "performance.channels_last=on", "performance.attention=cudnn",
-            "performance.fused_lora=true", "performance.half_norms=true", "performance.adapter_copy=true"]
+            "performance.fused_lora=true", "performance.half_norms=true", "performance.adapter_copy=true",
+            "performance.fused_projections=true"]
     graphed, _ = _losses(resolve(overrides=common + fast), tmp_path / "graphed")
     e, g = torch.tensor(eager), torch.tensor(graphed)
     assert len(e) == len(g) == 50
@@ -199,7 +201,8 @@ def test_compiled_step_tracks_the_plain_step_bf16(tmp_path, scope):
               "schedule.steps=50", "optim.lr=1e-4", "sampling.enabled=false", "performance.log_every=10",
               "performance.mixed_precision=bf16"]
     plain = ["performance.cuda_graphs=off", "performance.attention=flash", "performance.fused_lora=false",
-             "performance.half_norms=false", "performance.compile=off", "performance.adapter_copy=false"]
+             "performance.half_norms=false", "performance.compile=off", "performance.adapter_copy=false",
+             "performance.fused_projections=false"]
     e, _ = _losses(resolve(overrides=common + plain), tmp_path / "plain")
     # the compiled run also draws previews between its steps (graphed for `unet`, eager for `blocks`): they
     # must neither fail nor disturb training (each step's randomness has its own generator)

@@ -1,0 +1,143 @@
+"""One matrix product for the projections an attention layer applies to one input, adapters included
+(`performance.fused_projections`).
+
+At batch 1 an SD step is a chain of thousands of small GPU kernels. Self-attention projects the same
+input three times (q, k, v) and cross-attention the text twice (k, v); with adapters each projection
+is a base product plus the adapter's down and up products, forward and backward. Here the group's
+frozen base weights share one storage (the layers' own weights become views into it: no extra
+memory), and the group runs as
+
+    [q | k | v] = x [Wq; Wk; Wv]^T + s * ((x [Dq; Dk; Dv]^T) blockdiag(Uq, Uk, Uv)^T)
+
+three products instead of nine, then split. The maths is the layer-by-layer maths (the off-diagonal
+blocks add exact zeros). A group that can't go this way (a merged adapter, per-image multipliers,
+dropout, unequal scales, biases, weights moved since they were grouped) runs layer by layer as before.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+from .lora import LoRALinear, LoRAModule
+
+log = logging.getLogger(__name__)
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    return layer.base if isinstance(layer, LoRAModule) else layer
+
+
+class Group:
+    """The shared base weight of projections applied to one input, and where each layer's rows start."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        weights = [_base(m).weight for m in layers]
+        self.weight = torch.cat([w.detach() for w in weights])
+        self.sizes = [w.shape[0] for w in weights]
+        start = 0
+        for w, n in zip(weights, self.sizes, strict=True):
+            w.data = self.weight[start:start + n]  # the layer's weight is now a view: no second copy
+            start += n
+
+    def _still_shared(self, layers: tuple[nn.Module, ...]) -> bool:
+        """Each base weight is still the view made at grouping (a `.to()` or load gives new storage)."""
+        step = self.weight.element_size() * self.weight.shape[1]
+        offsets = [sum(self.sizes[:i]) * step for i in range(len(self.sizes))]
+        return all(_base(m).weight.data_ptr() == self.weight.data_ptr() + off for m, off in zip(layers, offsets, strict=True))
+
+    def scale(self, layers: tuple[nn.Module, ...]) -> float | None:
+        """The adapters' common multiplier x scale (0.0 for plain layers), or None when the group must run
+        layer by layer."""
+        if not torch.compiler.is_compiling() and not self._still_shared(layers):
+            return None
+        if any(_base(m).bias is not None for m in layers):
+            return None
+        if all(type(m) is nn.Linear for m in layers):
+            return 0.0
+        if not all(isinstance(m, LoRALinear) and not m.merged and m.per_image is None
+                   and isinstance(m.dropout, nn.Identity) for m in layers):
+            return None
+        scales = {m.multiplier * m.scale for m in layers}
+        return scales.pop() if len(scales) == 1 else None
+
+    def __call__(self, x: torch.Tensor, layers: tuple[nn.Module, ...], s: float) -> list[torch.Tensor]:
+        y = F.linear(x, self.weight)
+        if s != 0:
+            y = y + _adapters(x, layers, s).to(y.dtype)
+        return list(y.split(self.sizes, dim=-1))
+
+
+def _adapters(x: torch.Tensor, layers: tuple[LoRALinear, ...], s: float) -> torch.Tensor:
+    """s * (x D^T) blockdiag(U)^T, in the dtype each layer's plain path computes in (LoRAModule.lora_forward)."""
+    pairs = [m.work or (m.lora_down.weight, m.lora_up.weight) for m in layers]
+    down, up = torch.cat([d for d, _ in pairs]), torch.block_diag(*[u for _, u in pairs])
+    if torch.is_autocast_enabled(x.device.type):
+        h = F.linear(F.linear(x, down), up)
+    elif x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cuda":
+        with torch.autocast("cuda", dtype=x.dtype):
+            h = F.linear(F.linear(x, down), up)
+    else:
+        h = F.linear(F.linear(x.to(down.dtype), down), up)
+    return h * s
+
+
+def project(x: torch.Tensor, group: Group | None, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """The layers applied to x: as one group where it can, else one by one."""
+    s = None if group is None else group.scale(layers)
+    if s is None:
+        return [m(x) for m in layers]
+    return group(x, layers, s)
+
+
+def _simple(attn: Attention) -> bool:
+    """An attention layer of the SD/SDXL transformer blocks: nothing but projections and attention."""
+    return (attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None
+            and not attn.residual_connection and attn.rescale_output_factor == 1.0)
+
+
+class FusedProjections:
+    """Attention processor with grouped projections; anything else goes to diffusers' own processor."""
+
+    def __init__(self) -> None:
+        self.fallback = AttnProcessor2_0()
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args, **kwargs) -> torch.Tensor:
+        if args or kwargs or attention_mask is not None or hidden_states.ndim != 3 or not _simple(attn):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        groups = attn.fused_groups
+        if encoder_hidden_states is None:
+            q, k, v = project(hidden_states, groups.get("qkv"), (attn.to_q, attn.to_k, attn.to_v))
+        else:
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            q = attn.to_q(hidden_states)
+            k, v = project(encoder_hidden_states, groups.get("kv"), (attn.to_k, attn.to_v))
+        b, heads = hidden_states.shape[0], attn.heads
+        q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3]).to(q.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def fuse_projections(unet: nn.Module) -> int:
+    """Group the projections of every attention layer of `unet` and give it the grouped processor; returns
+    how many groups. Call after the adapters are injected and the base has its final dtype and device."""
+    processor, n = FusedProjections(), 0
+    for attn in unet.modules():
+        if not isinstance(attn, Attention) or not _simple(attn):
+            continue
+        names = ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
+        layers = [getattr(attn, name) for name in names]
+        if any(type(_base(m)) is not nn.Linear or _base(m).bias is not None for m in layers):
+            continue
+        attn.fused_groups = {"kv" if attn.is_cross_attention else "qkv": Group(layers)}
+        attn.set_processor(processor)
+        n += 1
+    return n
