@@ -11,7 +11,6 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import TrainConfig
@@ -53,6 +52,7 @@ class TrainData:
             else [(d.resolution, d.resolution)]
         self.disk = DiskCache(cache_dir) if (cache_dir and d.cache_to_disk) else None
         self._latents: dict[tuple[str, bool], tuple[torch.Tensor, tuple]] = {}
+        self._sizes: dict[tuple, torch.Tensor] = {}  # SDXL size triples on the device
         self._epochs: dict[int, list] = {}
         self.batches_per_epoch = len(self._epoch(0))
 
@@ -109,8 +109,14 @@ class TrainData:
             sizes.append(size)
             caps.append(process_caption(item.caption, shuffle=d.shuffle_tags, keep_tokens=d.keep_tokens,
                                         dropout=d.caption_dropout, rng=rng))
-        time_ids = torch.tensor(np.array(sizes, dtype=np.float32), device=self.device)
-        return Batch(torch.stack(lats), caps, time_ids)
+        return Batch(torch.stack(lats), caps, torch.stack([self._size_tensor(s) for s in sizes]))
+
+    def _size_tensor(self, sizes: tuple) -> torch.Tensor:
+        """An image's SDXL size triple on the device, made once: a copy from the host at every step would
+        make the host wait for the GPU (a pageable copy synchronises), so it could never run ahead."""
+        if sizes not in self._sizes:
+            self._sizes[sizes] = torch.tensor(sizes, dtype=torch.float32, device=self.device)
+        return self._sizes[sizes]
 
 
 class TextCache:

