@@ -5,7 +5,9 @@ merged into the base weights (`merge=True`), with the sampling UNet replayed fro
 compiled (`sampling.compile`; `compile_s` holds each compiled row's first call, mostly compiling).
 Prints one JSON line per row, medians of `--repeat` images in seconds, as each row finishes.
 
-    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...]
+    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...] [--grouped]
+
+`--grouped` groups the attention projections first, as a training run does (`performance.fused_projections`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 
 import torch
 
+from lora_core.fused_projections import fuse_projections
 from lora_core.inject import inject
 from lora_core.models import load_model
 from lora_core.sampling import previews
@@ -28,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated, from: " + ", ".join(ROWS))
+    ap.add_argument("--grouped", action="store_true", help="group the attention projections (fuse_projections)")
     a = ap.parse_args()
     rows = a.rows.split(",")
     model = load_model("full:sd15", device=torch.device("cuda"))
@@ -36,6 +40,8 @@ def main() -> None:
     modules = inject(model.unet, model.text_encoders, model.family, targets="attn", rank=16, alpha=16)
     for m in modules.values():
         torch.nn.init.normal_(m.lora_up.weight, std=1e-3)
+    if a.grouped:
+        fuse_projections(model.unet)
 
     def one(merge: bool, compiled: bool) -> float:
         torch.cuda.synchronize()
@@ -54,7 +60,7 @@ def main() -> None:
         first = one(merge, compiled)  # the sampling graph's capture (and compile)
         times = sorted(one(merge, compiled) for _ in range(a.repeat))
         row = {"preview_lone": "full:sd15", "steps": 25, "cfg": 7.0, "row": name,
-               "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4)}
+               "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4), "grouped": a.grouped}
         if compiled:
             row["compile_s"] = round(first, 1)
         print(json.dumps(row), flush=True)
