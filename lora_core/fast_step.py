@@ -108,9 +108,10 @@ class GraphedStep:
         return loss.clone()
 
 
-# `compile = auto` compiles when the time it saves exceeds the compile (153 s for SD1.5 on a fresh H200,
-# 173 s on an H100). Measured (bench/RESULTS.md): against a graphed step it saves 1.5-2.4 ms per sample
-# (SD1.5 batch 16 and 1 on the H200), so it pays after ~100k samples; against an eager step (graphs
+# `compile = auto` compiles when the time it saves exceeds the compile (132-153 s for SD1.5 on a fresh H200,
+# 173 s on an H100). Measured (bench/RESULTS.md): against a graphed step it saves 1.4 ms per sample at
+# SD1.5 batch 16 and 4.8 ms at batch 1 on the H200, so it pays after ~100k samples at batch 16 (~28k at
+# batch 1, rarer runs: the threshold keeps the larger figure); against an eager step (graphs
 # blocked) it saved 83 ms per batch-16 step on the H100, so it pays after ~2000 batches. Gradient
 # checkpointing under the compiler is not measured (speed or memory), so `auto` leaves those runs eager.
 COMPILE_MIN_SAMPLES_GRAPHED = 100_000
