@@ -183,7 +183,9 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
         model.unet.to(memory_format=torch.channels_last)
     if perf.half_norms and model.unet.dtype in HALF:  # a half-precision base means mixed precision is on
         log.info("normalisations run in the compute dtype: %d layers", use_half_norms(model.unet))
-    if perf.fused_projections:
+    # the grouped adapters' weight gradients come out of plain autograd in the compute dtype: kept off for an
+    # fp16 base (no loss scaling here), where the fused kernel's fp32 gradients matter
+    if perf.fused_projections and model.unet.dtype != torch.float16:
         log.info("attention projections grouped into one product each: %d groups", fuse_projections(model.unet))
     if not compiles(cfg, device, steps, graphs):
         if perf.compile == "auto" and device.type == "cuda":

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from .lora import LoRALinear, LoRAModule
+from .lora import LoRALinear, LoRAModule, in_adapter_dtype
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Group:
             w.data = self.weight[start:start + n]  # the layer's weight is now a view: no second copy
             start += n
 
-    def _still_shared(self, layers: tuple[nn.Module, ...]) -> bool:
+    def still_shared(self, layers: tuple[nn.Module, ...]) -> bool:
         """Each base weight is still the view made at grouping (a `.to()` or load gives new storage)."""
         step = self.weight.element_size() * self.weight.shape[1]
         offsets = [sum(self.sizes[:i]) * step for i in range(len(self.sizes))]
@@ -52,10 +52,9 @@ class Group:
 
     def scale(self, layers: tuple[nn.Module, ...]) -> float | None:
         """The adapters' common multiplier x scale (0.0 for plain layers), or None when the group must run
-        layer by layer."""
-        if not torch.compiler.is_compiling() and not self._still_shared(layers):
-            return None
-        if any(_base(m).bias is not None for m in layers):
+        layer by layer (a trainable base weight or a hook would be bypassed by the shared product, too)."""
+        if any(_base(m).bias is not None or _base(m).weight.requires_grad or m._forward_hooks
+               or m._forward_pre_hooks for m in layers):
             return None
         if all(type(m) is nn.Linear for m in layers):
             return 0.0
@@ -72,22 +71,23 @@ class Group:
         return list(y.split(self.sizes, dim=-1))
 
 
-def _adapters(x: torch.Tensor, layers: tuple[LoRALinear, ...], s: float) -> torch.Tensor:
-    """s * (x D^T) blockdiag(U)^T, in the dtype each layer's plain path computes in (LoRAModule.lora_forward)."""
+def _adapters(x: torch.Tensor, layers: tuple[nn.Module, ...], s: float) -> torch.Tensor:
+    """s * (x D^T) blockdiag(U)^T for LoRALinear `layers`, in the dtype their plain path computes in."""
     pairs = [m.work or (m.lora_down.weight, m.lora_up.weight) for m in layers]
     down, up = torch.cat([d for d, _ in pairs]), torch.block_diag(*[u for _, u in pairs])
-    if torch.is_autocast_enabled(x.device.type):
-        h = F.linear(F.linear(x, down), up)
-    elif x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cuda":
-        with torch.autocast("cuda", dtype=x.dtype):
-            h = F.linear(F.linear(x, down), up)
-    else:
-        h = F.linear(F.linear(x.to(down.dtype), down), up)
-    return h * s
+    fp32 = layers[0].lora_down.weight.dtype
+    return in_adapter_dtype(x, lambda x: F.linear(F.linear(x, down), up), fp32) * s
 
 
-def project(x: torch.Tensor, group: Group | None, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
-    """The layers applied to x: as one group where it can, else one by one."""
+def project(x: torch.Tensor, attn: Attention, key: str, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """The layers applied to x: as the attention layer's group `key` where it can, else one by one."""
+    group = attn.fused_groups.get(key)
+    if group is not None and not torch.compiler.is_compiling() and not group.still_shared(layers):
+        # a `.to()` or a reload gave the weights new storage (the compiled step never moves them)
+        log.warning("the %s projections of %s have moved since they were grouped: they run one by one from now "
+                    "on (group them again with fuse_projections)", key, type(attn).__name__)
+        del attn.fused_groups[key]
+        group = None
     s = None if group is None else group.scale(layers)
     if s is None:
         return [m(x) for m in layers]
@@ -95,8 +95,12 @@ def project(x: torch.Tensor, group: Group | None, layers: tuple[nn.Module, ...])
 
 
 def _simple(attn: Attention) -> bool:
-    """An attention layer of the SD/SDXL transformer blocks: nothing but projections and attention."""
-    return (attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None
+    """An attention layer of the SD/SDXL transformer blocks: nothing but projections and default-scaled
+    attention, on diffusers' own processor (whose maths FusedProjections repeats)."""
+    return (type(attn.processor) in (AttnProcessor2_0, FusedProjections) and attn.scale_qk
+            and attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None
+            and attn.norm_k is None and getattr(attn, "added_kv_proj_dim", None) is None
+            and not getattr(attn, "only_cross_attention", False)
             and not attn.residual_connection and attn.rescale_output_factor == 1.0)
 
 
@@ -109,16 +113,15 @@ class FusedProjections:
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or attention_mask is not None or hidden_states.ndim != 3 or not _simple(attn):
+        if args or kwargs or attention_mask is not None or hidden_states.ndim != 3:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        groups = attn.fused_groups
         if encoder_hidden_states is None:
-            q, k, v = project(hidden_states, groups.get("qkv"), (attn.to_q, attn.to_k, attn.to_v))
+            q, k, v = project(hidden_states, attn, "qkv", (attn.to_q, attn.to_k, attn.to_v))
         else:
             if attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             q = attn.to_q(hidden_states)
-            k, v = project(encoder_hidden_states, groups.get("kv"), (attn.to_k, attn.to_v))
+            k, v = project(encoder_hidden_states, attn, "kv", (attn.to_k, attn.to_v))
         b, heads = hidden_states.shape[0], attn.heads
         q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
@@ -128,7 +131,8 @@ class FusedProjections:
 
 def fuse_projections(unet: nn.Module) -> int:
     """Group the projections of every attention layer of `unet` and give it the grouped processor; returns
-    how many groups. Call after the adapters are injected and the base has its final dtype and device."""
+    how many groups. Call after the adapters are injected and the base has its final dtype and device: a
+    later `.to()` that moves the weights ungroups them (with a warning), it never computes with stale ones."""
     processor, n = FusedProjections(), 0
     for attn in unet.modules():
         if not isinstance(attn, Attention) or not _simple(attn):

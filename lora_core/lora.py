@@ -12,6 +12,7 @@ base weight; unmerging puts back the exact original tensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,19 @@ def _layer(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     if isinstance(layer, nn.Conv2d):
         return layer._conv_forward(x, weight, None)
     return F.linear(x, weight)
+
+
+def in_adapter_dtype(x: torch.Tensor, adapter: Callable[[torch.Tensor], torch.Tensor],
+                     weight_dtype: torch.dtype) -> torch.Tensor:
+    """adapter(x) in the dtype the base computes in: under autocast its compute dtype; for a half-precision
+    base without autocast (sampling on a GPU) the activations' dtype; otherwise the LoRA weights' dtype
+    (fp32). The activations are never cast to a wider type: they are large, the adapter's weights small."""
+    if torch.is_autocast_enabled(x.device.type):
+        return adapter(x)
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cuda":
+        with torch.autocast("cuda", dtype=x.dtype):
+            return adapter(x)
+    return adapter(x.to(weight_dtype))
 
 
 class LoRAModule(nn.Module):
@@ -105,17 +119,8 @@ class LoRAModule(nn.Module):
         self._original, self._merged_as = None, None
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """multiplier * scale * up(down(dropout(x))), in the dtype the base computes in: under autocast its
-        compute dtype; for a half-precision base without autocast (sampling on a GPU) the activations'
-        dtype; otherwise the LoRA weights' dtype (fp32). The activations are never cast: they are large,
-        the adapter's weights are small."""
-        if torch.is_autocast_enabled(x.device.type):
-            h = self._adapter(self.dropout(x))
-        elif x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cuda":
-            with torch.autocast("cuda", dtype=x.dtype):
-                h = self._adapter(self.dropout(x))
-        else:
-            h = self._adapter(self.dropout(x.to(self.lora_down.weight.dtype)))
+        """multiplier * scale * up(down(dropout(x))), in the dtype of `in_adapter_dtype`."""
+        h = in_adapter_dtype(x, lambda x: self._adapter(self.dropout(x)), self.lora_down.weight.dtype)
         if self.per_image is None:
             return h * (self.multiplier * self.scale)
         # the pipeline runs [negative prompts..., prompts...] as one batch under CFG: the images' multipliers

@@ -262,7 +262,7 @@ class Stepper:
         self.opt.step()
         return loss.detach()
 
-    def _adapter_copy(self):
+    def _adapter_copy(self) -> contextlib.AbstractContextManager:
         return self.work.active() if self.work else contextlib.nullcontext()
 
     def _gradients_back(self) -> None:

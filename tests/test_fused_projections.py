@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -75,7 +76,7 @@ def test_grouping_shares_the_base_weights_storage():
     assert torch.equal(group.weight[q.shape[0]:q.shape[0] + k.shape[0]], k)
 
 
-@pytest.mark.parametrize("change", ["merged", "per_image", "weights_moved", "unequal_scales"])
+@pytest.mark.parametrize("change", ["merged", "per_image", "unequal_scales", "hooked", "trainable_base"])
 def test_a_group_that_cannot_be_grouped_runs_layer_by_layer(change):
     plain, grouped, _ = _unet_pair()
     for unet in (plain, grouped):
@@ -85,45 +86,86 @@ def test_a_group_that_cannot_be_grouped_runs_layer_by_layer(change):
         elif change == "per_image":
             for m in (attn.to_q, attn.to_k, attn.to_v):
                 m.per_image = torch.tensor([0.5, 1.0])
-        elif change == "weights_moved":
-            attn.to_v.base.weight.data = attn.to_v.base.weight.data.clone()
-        else:
+        elif change == "unequal_scales":
             attn.to_k.multiplier = 0.5
+        elif change == "hooked":
+            attn.to_v.register_forward_hook(lambda mod, args, out: out * 2)
+        else:
+            attn.to_q.base.weight.requires_grad_(True)
     group = attn.fused_groups["qkv"]
     assert group.scale((attn.to_q, attn.to_k, attn.to_v)) is None
-    with torch.no_grad():
-        want, got = (u(*_inputs(u)).sample for u in (plain, grouped))
+    want, got = (u(*_inputs(u)).sample for u in (plain, grouped))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_projections_use_the_working_copy_under_autocast():
+def test_weights_moved_after_grouping_ungroup_the_layers_with_a_warning(caplog):
     plain, grouped, _ = _unet_pair()
     for unet in (plain, grouped):
-        unet.to(torch.bfloat16)
-    fp.fuse_projections(grouped)  # the dtype change gave the weights new storage: group them again
+        attn = next(m for m in unet.modules() if isinstance(m, fp.Attention) and not m.is_cross_attention)
+        with torch.no_grad():
+            attn.to_v.base.weight.data = attn.to_v.base.weight.data.clone().mul_(1.5)  # new storage, new values
+    assert not attn.fused_groups["qkv"].still_shared((attn.to_q, attn.to_k, attn.to_v))
+    with torch.no_grad():
+        want, got = (u(*_inputs(u)).sample for u in (plain, grouped))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the new weights, not the group's stale copy
+    assert "qkv" not in attn.fused_groups
+    assert any("have moved since they were grouped" in r.message for r in caplog.records)
+
+
+def test_grouped_projections_compute_with_the_working_copy_under_autocast():
+    """A bf16 base with fp32 adapters, as in mixed-precision training: the grouped layers take the working
+    copy's weights (checked by planting different values in it) and give the per-layer casts' gradients."""
+    model = load_model("tiny:sd1", device=CPU)
+    model.unet.to(torch.bfloat16)  # the frozen base in the compute dtype, as the trainer has it
+    torch.manual_seed(0)
+    modules = inject(model.unet, model.text_encoders, model.family, targets="attn", rank=4)
+    for m in modules.values():
+        torch.nn.init.normal_(m.lora_up.weight, std=0.05)
+    grouped = model.unet
+    fp.fuse_projections(grouped)
     adapters = [m for m in grouped.modules() if isinstance(m, fp.LoRAModule)]
-    work = WorkingCopy(adapters, torch.bfloat16)
-    outs = []
-    for unet, ctx in ((plain, None), (grouped, work)):
-        with (ctx.active() if ctx else torch.no_grad()), torch.autocast("cpu", dtype=torch.bfloat16):
-            x, t, text = _inputs(unet)
-            out = unet(x.bfloat16(), t, text.bfloat16()).sample.float()
-            outs.append(out)
-            if ctx:
-                out.square().mean().backward()
-    torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
-    work.gradients_back()
-    assert all(m.lora_up.weight.grad is not None for m in adapters)
+    assert adapters[0].lora_up.weight.dtype == torch.float32
+    attns = [a for a in grouped.modules() if isinstance(a, fp.Attention)]
+    grouped_layers = {getattr(a, n) for a in attns for n in ("to_k", "to_v") + (() if a.is_cross_attention else ("to_q",))}
+    x, t, text = _inputs(grouped)
+
+    def grads(work: WorkingCopy | None, plant: float = 0.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for m in adapters:
+            m.lora_down.weight.grad = m.lora_up.weight.grad = None
+        ctx = work.active() if work else contextlib.nullcontext()
+        with ctx, torch.autocast("cpu", dtype=torch.bfloat16):
+            if plant:  # only the grouped layers' copies: the other layers read theirs on their own path
+                for m in adapters:
+                    if m in grouped_layers:
+                        m.work[1].data.mul_(plant)
+            out = grouped(x.bfloat16(), t, text.bfloat16()).sample.float()
+            out.square().mean().backward()
+        if work:
+            work.gradients_back()
+        return out.detach(), [p.grad.clone() for m in adapters for p in (m.lora_down.weight, m.lora_up.weight)]
+
+    want_out, want = grads(None)
+    got_out, got = grads(WorkingCopy(adapters, torch.bfloat16))
+    assert torch.equal(got_out, want_out)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    planted, _ = grads(WorkingCopy(adapters, torch.bfloat16), plant=3.0)
+    assert not torch.allclose(planted, want_out)  # the layers really read the working copy
 
 
-def test_training_with_grouped_projections_tracks_layer_by_layer(tmp_path):
+def test_training_with_grouped_projections_tracks_layer_by_layer(tmp_path, monkeypatch):
     write_example_dataset(tmp_path / "d", n=4, size=64)
     common = [f"data.dir={tmp_path / 'd'}", "model.base=tiny:sd1", "data.resolution=64", "schedule.steps=15",
               "optim.lr=1e-3", "sampling.enabled=false", "performance.log_every=1", "performance.mixed_precision=no"]
-    runs = []
+    runs, calls = [], []
+    real = fp.Group.__call__
+    monkeypatch.setattr(fp.Group, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     for on in ("true", "false"):
         cfg = resolve(overrides=[*common, f"performance.fused_projections={on}"])
         runs.append(torch.tensor([ev.loss for ev in train(cfg, run_dir=tmp_path / on) if ev.kind == "step"]))
-    grouped, plain = runs
+        runs[-1] = (runs[-1], len(calls))
+        calls.clear()
+    (grouped, grouped_calls), (plain, plain_calls) = runs
+    assert grouped_calls >= 15 * 2 and plain_calls == 0  # the run grouped its projections; off means off
     assert len(grouped) == len(plain) == 15
     assert ((grouped - plain).abs() / plain.abs()).max() <= 1e-4, (grouped, plain)

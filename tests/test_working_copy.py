@@ -73,6 +73,25 @@ def test_working_copy_gives_the_per_layer_casts_values_and_gradients(fused):
     assert all(c.grad is None for c in work.copies)
 
 
+def test_working_copy_under_gradient_checkpointing_gives_the_same_gradients():
+    """Checkpointed layers recompute their forward inside the backward, still within `active()`."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(_Net):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return checkpoint(super().forward, x, use_reentrant=False)
+
+    torch.manual_seed(0)
+    net = Checkpointed()
+    twin = copy.deepcopy(net)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.bfloat16)
+    want_loss, want = _grads(net, x, None)
+    got_loss, got = _grads(twin, x, WorkingCopy(twin.adapters(), torch.bfloat16))
+    assert torch.equal(got_loss, want_loss)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
 def test_working_copy_removes_the_per_layer_weight_casts():
     torch.manual_seed(0)
     net = _Net()
