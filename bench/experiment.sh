@@ -8,11 +8,13 @@
 #   bench/experiment.sh copy OUT.jsonl     the adapters' working copy (performance.adapter_copy) and the
 #                                          grouped attention projections (fused_projections), each against
 #                                          its absence, at SD1.5 batch 1, graphed; then compiled
+#   bench/experiment.sh nowait OUT.jsonl   the reference and our batch-1 step, default and compiled
+#                                          (bench/data/nowait-h200.jsonl)
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo or copy}
+which=${1:?kernel, combo, copy or nowait}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -31,5 +33,9 @@ case $which in
     row bench/ours.py --batch 1 --set performance.adapter_copy=false
     row bench/ours.py --batch 1 --set performance.fused_projections=false
     row bench/ours.py --batch 1 --warmup 10 --set performance.compile=on ;;
-  *) echo "unknown experiment: $which (kernel, combo or copy)" >&2; exit 2 ;;
+  nowait)
+    row bench/reference.py --model full:sd15 --batch 1
+    row bench/ours.py --batch 1
+    row bench/ours.py --batch 1 --warmup 10 --set performance.compile=on ;;
+  *) echo "unknown experiment: $which (kernel, combo, copy or nowait)" >&2; exit 2 ;;
 esac
