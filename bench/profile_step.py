@@ -25,6 +25,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--trace", default="")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--ops", action="store_true",
+                    help="also the operators by GPU time (useful with performance.cuda_graphs=off: a graph's "
+                         "replay hides which operator launched a kernel)")
     a = ap.parse_args()
     res = 512 if a.model == "full:sd15" else 1024
     data = tempfile.mkdtemp()
@@ -41,7 +44,14 @@ def main() -> None:
         if ev.kind == "step" and ev.step == 30:
             torch.cuda.synchronize()
             prof.stop()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40,
+                                      max_name_column_width=140 if a.ops else 70)
+    if a.ops:
+        ops = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.device_time_total > 0]
+        ops.sort(key=lambda e: e.self_device_time_total, reverse=True)
+        table += "\noperators by their own kernels' time, per step: name, calls, ms\n" + "\n".join(
+            f"{e.key:60s} {e.count / 10:8.1f} {e.self_device_time_total / 10_000:8.3f}" for e in ops[:40])
+        table += "\n\nkernels by the operators that launched them, per step: kernels, ms, chain\n" + launchers(prof)
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000
     copies = sum("copy" in e.name.lower() for e in kernels)
@@ -52,6 +62,25 @@ def main() -> None:
     print(summary)
     if a.trace:
         prof.export_chrome_trace(a.trace)
+
+
+def launchers(prof: profile, top: int = 40) -> str:
+    """Kernel counts and time grouped by the chain of operators above each launch (innermost first)."""
+    agg: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU or not e.kernels:
+            continue
+        chain, p = [], e
+        while p is not None and len(chain) < 5:
+            if not p.name.startswith("cuda"):
+                chain.append(p.name)
+            p = p.cpu_parent
+        key = " < ".join(chain) or e.name
+        n_t = agg.setdefault(key, [0, 0.0])
+        n_t[0] += len(e.kernels)
+        n_t[1] += sum(k.duration for k in e.kernels)
+    rows = sorted(agg.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
+    return "\n".join(f"{n / 10:7.1f} {t / 10_000:8.3f}  {key}" for key, (n, t) in rows)
 
 
 if __name__ == "__main__":
