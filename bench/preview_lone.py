@@ -5,9 +5,10 @@ merged into the base weights (`merge=True`), with the sampling UNet replayed fro
 compiled (`sampling.compile`; `compile_s` holds each compiled row's first call, mostly compiling).
 Prints one JSON line per row, medians of `--repeat` images in seconds, as each row finishes.
 
-    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...] [--grouped]
+    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...] [--grouped] [--nhwc-norms]
 
-`--grouped` groups the attention projections first, as a training run does (`performance.fused_projections`).
+`--grouped` groups the attention projections first, as a training run does (`performance.fused_projections`);
+`--nhwc-norms` gives channels-last rows the GroupNorm kernels that keep the layout (`performance.nhwc_norms`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import torch
 
 from lora_core.fused_projections import fuse_projections
+from lora_core.half_norms import use_half_norms
 from lora_core.inject import inject
 from lora_core.models import load_model
 from lora_core.sampling import previews
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated, from: " + ", ".join(ROWS))
     ap.add_argument("--grouped", action="store_true", help="group the attention projections (fuse_projections)")
+    ap.add_argument("--nhwc-norms", action="store_true", help="GroupNorm kernels that keep channels-last")
     a = ap.parse_args()
     rows = a.rows.split(",")
     model = load_model("full:sd15", device=torch.device("cuda"))
@@ -42,6 +45,7 @@ def main() -> None:
         torch.nn.init.normal_(m.lora_up.weight, std=1e-3)
     if a.grouped:
         fuse_projections(model.unet)
+    use_half_norms(model.unet, nhwc=a.nhwc_norms)
 
     def one(merge: bool, compiled: bool) -> float:
         torch.cuda.synchronize()
@@ -60,7 +64,7 @@ def main() -> None:
         first = one(merge, compiled)  # the sampling graph's capture (and compile)
         times = sorted(one(merge, compiled) for _ in range(a.repeat))
         row = {"preview_lone": "full:sd15", "steps": 25, "cfg": 7.0, "row": name,
-               "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4), "grouped": a.grouped}
+               "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4), "grouped": a.grouped, "nhwc_norms": a.nhwc_norms}
         if compiled:
             row["compile_s"] = round(first, 1)
         print(json.dumps(row), flush=True)

@@ -1,9 +1,9 @@
 """Where a lone preview's time goes (SD1.5 512, 25 steps, CFG 7, a rank-16 adapter at weight 1, bf16,
-channels-last, grouped projections: what a training run's preview does): wall time against the GPU's
+channels-last, grouped projections, GroupNorms on channels-last tensors: what a training run's preview does): wall time against the GPU's
 kernel time, with the top kernels and the top operators by GPU time, over one image after two warm-up
 images (the first records the sampling graphs).
 
-    python bench/profile_preview.py --out F [--compiled] [--ungrouped]
+    python bench/profile_preview.py --out F [--compiled] [--ungrouped] [--plain-norms]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from lora_core.fused_projections import fuse_projections
+from lora_core.half_norms import use_half_norms
 from lora_core.inject import inject
 from lora_core.models import load_model
 from lora_core.sampling import previews
@@ -26,11 +27,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--compiled", action="store_true", help="the sampling UNet compiled (sampling.compile)")
     ap.add_argument("--ungrouped", action="store_true", help="leave the attention projections layer by layer")
+    ap.add_argument("--plain-norms", action="store_true", help="PyTorch's GroupNorm (performance.nhwc_norms off)")
     a = ap.parse_args()
     model = load_model("full:sd15", device=torch.device("cuda"))
     model.pipe.to(dtype=torch.bfloat16)
     model.pipe.set_progress_bar_config(disable=True)
     model.unet.to(memory_format=torch.channels_last)
+    use_half_norms(model.unet, nhwc=not a.plain_norms)
     modules = inject(model.unet, model.text_encoders, model.family, targets="attn", rank=16, alpha=16)
     for m in modules.values():
         torch.nn.init.normal_(m.lora_up.weight, std=1e-3)
@@ -53,7 +56,7 @@ def main() -> None:
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
     first = min(e.time_range.start for e in kernels)
     last = max(e.time_range.end for e in kernels)
-    summary = (f"lone preview, compiled={a.compiled}, grouped={not a.ungrouped}: median wall {walls[1]:.4f} s "
+    summary = (f"lone preview, compiled={a.compiled}, grouped={not a.ungrouped}, nhwc_norms={not a.plain_norms}: median wall {walls[1]:.4f} s "
                f"(profiled {profiled:.4f} s); {len(kernels)} GPU kernels, {busy:.4f} s of kernel time, "
                f"first to last kernel {(last - first) / 1e6:.4f} s")
     kern = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=110)

@@ -219,6 +219,10 @@ class PerformanceConfig:
     half_norms: bool = _f(True, "Run the UNet's GroupNorm and LayerNorm on bf16/fp16 activations under "
                           "mixed precision (statistics still in fp32) instead of casting to fp32 and back: "
                           "measured 8-12% faster steps and less memory on an H200. Off = autocast's fp32 norms.")
+    nhwc_norms: bool = _f(True, "With half_norms and channels-last, run each GroupNorm on the channels-last "
+                          "activations as they are (Triton kernels on CUDA) instead of PyTorch's, which "
+                          "copies them to the other layout and back in both passes. Previews use them "
+                          "too. Off = PyTorch's GroupNorm.")
     fused_lora: bool = _f(True, "Train each adapted linear layer through one hand-written forward and "
                           "backward (fewer, cheaper GPU kernels; the same maths). Off = the plain "
                           "three-layer path.")

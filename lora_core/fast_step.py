@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import nhwc_norm
 from .fused_projections import fuse_projections
 from .half_norms import HALF, use_half_norms
 from .lora import LoRAModule
@@ -182,7 +183,9 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
         # Eager steps wait on the host and gain nothing.
         model.unet.to(memory_format=torch.channels_last)
     if perf.half_norms and model.unet.dtype in HALF:  # a half-precision base means mixed precision is on
-        log.info("normalisations run in the compute dtype: %d layers", use_half_norms(model.unet))
+        log.info("normalisations run in the compute dtype: %d layers%s",
+                 use_half_norms(model.unet, nhwc=perf.nhwc_norms),
+                 ", GroupNorm in channels-last where the tensors are" if perf.nhwc_norms and nhwc_norm.available() else "")
     # the grouped adapters' weight gradients come out of plain autograd in the compute dtype: kept off for an
     # fp16 base (no loss scaling here), where the fused kernel's fp32 gradients matter
     if perf.fused_projections and model.unet.dtype != torch.float16:

@@ -8,6 +8,9 @@ half-precision input directly gives the same statistics; the output is rounded t
 the next convolution or linear layer would round it anyway (one SiLU in between now sees the rounded
 value). Sampling (no autocast) already runs them this way. The swap changes only the class of
 each norm module: parameters, state dicts and adapter files are untouched.
+
+With `nhwc`, a GroupNorm given a channels-last half-precision CUDA tensor runs lora_core/nhwc_norm.py's
+kernels, which keep the layout (in training and in sampling alike).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import nhwc_norm
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -26,7 +31,12 @@ def _native(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 
 
 class HalfGroupNorm(nn.GroupNorm):
+    nhwc = False  # set per module by use_half_norms
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nhwc and nhwc_norm.applies(x, self.weight):
+            with torch.autocast(x.device.type, enabled=False):
+                return nhwc_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         if not _native(x, self.weight):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
@@ -44,11 +54,14 @@ class HalfLayerNorm(nn.LayerNorm):
 SWAPS = {nn.GroupNorm: HalfGroupNorm, nn.LayerNorm: HalfLayerNorm}
 
 
-def use_half_norms(model: nn.Module) -> int:
-    """Give every plain GroupNorm/LayerNorm in `model` the half-precision forward; returns how many."""
+def use_half_norms(model: nn.Module, nhwc: bool = False) -> int:
+    """Give every plain GroupNorm/LayerNorm in `model` the half-precision forward (GroupNorms the
+    channels-last kernels too if `nhwc`); returns how many."""
     n = 0
     for m in model.modules():
         if type(m) in SWAPS:
             m.__class__ = SWAPS[type(m)]
             n += 1
+        if isinstance(m, HalfGroupNorm):
+            m.nhwc = nhwc
     return n

@@ -1,0 +1,261 @@
+"""GroupNorm on channels-last half-precision activations without layout copies (`performance.nhwc_norms`).
+
+PyTorch's CUDA GroupNorm works on the contiguous (NCHW) layout: given a channels-last tensor it copies
+the input to NCHW, normalises, and the next convolution (cuDNN's fastest in NHWC) gets an NCHW output
+back; the backward pass copies in both directions again. In a graphed SD1.5 batch-1 step these copies
+were the largest single line of the profile, and in a lone preview 15% of the GPU time
+(bench/RESULTS.md). The Triton kernels here read and write the tensors in whatever layout they have
+(strides are arguments), so a channels-last activation stays channels-last.
+
+Each (sample, group) is split over several programs so a batch-1 tensor still fills the GPU: a first
+kernel writes every program's count, mean and sum of squared deviations (merged with Chan's formula, as
+stable as Welford's), a second merges them and normalises. The backward pass is the same two-step shape.
+Statistics, scale and shift are fp32; the output has the input's dtype, as PyTorch's kernel gives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the plain GroupNorm runs
+    triton = None
+
+HALF = (torch.bfloat16, torch.float16)
+TARGET_PROGRAMS = 512  # programs per launch: a few per SM, so one sample's 32 groups still fill the GPU
+TILE = 2048  # elements each program loads at a time
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether `group_norm` takes this call: a 4-D channels-last half-precision CUDA tensor, parameters of
+    its dtype (or none), outside torch.compile (which fuses the norm itself)."""
+    return (triton is not None and x.is_cuda and x.dim() == 4 and x.dtype in HALF
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and (weight is None or weight.dtype == x.dtype) and not torch.compiler.is_compiling())
+
+
+def _plan(n: int, groups: int, rows: int, cg: int) -> tuple[int, int, int, int]:
+    """(splits per group, rows per split, tile rows, tile columns)."""
+    block_c = triton.next_power_of_2(cg)
+    block_r = max(1, TILE // block_c)
+    splits = max(1, min(math.ceil(TARGET_PROGRAMS / (n * groups)), math.ceil(rows / block_r), 64))
+    per = math.ceil(math.ceil(rows / splits) / block_r) * block_r
+    return math.ceil(rows / per), per, block_r, block_c
+
+
+def _view(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of `t` [N, C, H, W] seen as [N, H*W, C] (H and W must be mergeable: true of both layouts)."""
+    return t.stride(0), t.stride(3), t.stride(1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _stats(X, PART, total, rows, cg, groups, s_n, s_r, s_c, per, splits,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        n = pid // groups
+        cols = tl.arange(0, BLOCK_C)
+        cmask = cols < cg
+        base = X + n.to(tl.int64) * s_n + ((pid % groups) * cg + cols).to(tl.int64)[None, :] * s_c
+        r_start = s * per
+        r_end = tl.minimum(r_start + per, rows)
+        cnt = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for r0 in range(r_start, r_end, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            mask = (r < r_end)[:, None] & cmask[None, :]
+            v = tl.load(base + r.to(tl.int64)[:, None] * s_r, mask=mask, other=0.0).to(tl.float32)
+            nt = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
+            mt = tl.sum(tl.sum(v, axis=1), axis=0) / nt
+            d = tl.where(mask, v - mt, 0.0)
+            tot = cnt + nt
+            delta = mt - mean
+            mean = mean + delta * (nt / tot)
+            m2 = m2 + tl.sum(tl.sum(d * d, axis=1), axis=0) + delta * delta * (cnt * nt / tot)
+            cnt = tot
+        off = pid * splits + s
+        tl.store(PART + off, cnt)
+        tl.store(PART + total + off, mean)
+        tl.store(PART + 2 * total + off, m2)
+
+    @triton.jit
+    def _normalise(X, Y, W, B, PART, MEAN, RSTD, total, rows, cg, groups, s_n, s_r, s_c, y_n, y_r, y_c,
+                   per, splits, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        n = pid // groups
+        k = tl.arange(0, BLOCK_S)
+        kmask = k < splits
+        c_i = tl.load(PART + pid * splits + k, mask=kmask, other=0.0)
+        mean_i = tl.load(PART + total + pid * splits + k, mask=kmask, other=0.0)
+        m2_i = tl.load(PART + 2 * total + pid * splits + k, mask=kmask, other=0.0)
+        cnt = tl.sum(c_i, axis=0)
+        mean = tl.sum(c_i * mean_i, axis=0) / cnt
+        d = mean_i - mean
+        rstd = 1.0 / tl.sqrt(tl.sum(m2_i + c_i * d * d, axis=0) / cnt + eps)
+        tl.store(MEAN + pid, mean, mask=s == 0)
+        tl.store(RSTD + pid, rstd, mask=s == 0)
+        cols = tl.arange(0, BLOCK_C)
+        cmask = cols < cg
+        ch = (pid % groups) * cg + cols
+        scale = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
+        if HAS_W:
+            scale = scale * tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+        shift = -mean * scale
+        if HAS_B:
+            shift = shift + tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
+        src = X + n.to(tl.int64) * s_n + ch.to(tl.int64)[None, :] * s_c
+        dst = Y + n.to(tl.int64) * y_n + ch.to(tl.int64)[None, :] * y_c
+        r_start = s * per
+        r_end = tl.minimum(r_start + per, rows)
+        for r0 in range(r_start, r_end, BLOCK_R):
+            r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            mask = (r < r_end)[:, None] & cmask[None, :]
+            v = tl.load(src + r[:, None] * s_r, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dst + r[:, None] * y_r, (v * scale[None, :] + shift[None, :]).to(Y.dtype.element_ty),
+                     mask=mask)
+
+    @triton.jit
+    def _grad_sums(X, DY, W, MEAN, RSTD, PART, DWB, total, rows, cg, groups, channels,
+                   s_n, s_r, s_c, d_n, d_r, d_c, per, splits,
+                   HAS_W: tl.constexpr, PARAM_GRADS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        n = pid // groups
+        cols = tl.arange(0, BLOCK_C)
+        cmask = cols < cg
+        ch = (pid % groups) * cg + cols
+        mean = tl.load(MEAN + pid)
+        rstd = tl.load(RSTD + pid)
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_W:
+            w = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+        xs = X + n.to(tl.int64) * s_n + ch.to(tl.int64)[None, :] * s_c
+        ds = DY + n.to(tl.int64) * d_n + ch.to(tl.int64)[None, :] * d_c
+        sum_a = tl.zeros([BLOCK_C], tl.float32)  # per channel: sum of dy, and of dy * xhat
+        sum_b = tl.zeros([BLOCK_C], tl.float32)
+        r_start = s * per
+        r_end = tl.minimum(r_start + per, rows)
+        for r0 in range(r_start, r_end, BLOCK_R):
+            r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            mask = (r < r_end)[:, None] & cmask[None, :]
+            x = tl.load(xs + r[:, None] * s_r, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(ds + r[:, None] * d_r, mask=mask, other=0.0).to(tl.float32)
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            sum_a += tl.sum(dy, axis=0)
+            sum_b += tl.sum(dy * xhat, axis=0)
+        off = pid * splits + s
+        tl.store(PART + off, tl.sum(sum_a * w, axis=0))
+        tl.store(PART + total + off, tl.sum(sum_b * w, axis=0))
+        if PARAM_GRADS:  # per (sample, split) rows of dweight and dbias partials, summed on the host side
+            row = (n * splits + s).to(tl.int64) * 2 * channels
+            tl.store(DWB + row + ch, sum_b, mask=cmask)
+            tl.store(DWB + row + channels + ch, sum_a, mask=cmask)
+
+    @triton.jit
+    def _grad_input(X, DY, DX, W, MEAN, RSTD, PART, total, rows, cg, groups,
+                    s_n, s_r, s_c, d_n, d_r, d_c, o_n, o_r, o_c, per, splits,
+                    HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        n = pid // groups
+        k = tl.arange(0, BLOCK_S)
+        kmask = k < splits
+        count = (rows * cg).to(tl.float32)
+        mean_a = tl.sum(tl.load(PART + pid * splits + k, mask=kmask, other=0.0), axis=0) / count
+        mean_b = tl.sum(tl.load(PART + total + pid * splits + k, mask=kmask, other=0.0), axis=0) / count
+        mean = tl.load(MEAN + pid)
+        rstd = tl.load(RSTD + pid)
+        cols = tl.arange(0, BLOCK_C)
+        cmask = cols < cg
+        ch = (pid % groups) * cg + cols
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_W:
+            w = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+        xs = X + n.to(tl.int64) * s_n + ch.to(tl.int64)[None, :] * s_c
+        ds = DY + n.to(tl.int64) * d_n + ch.to(tl.int64)[None, :] * d_c
+        os = DX + n.to(tl.int64) * o_n + ch.to(tl.int64)[None, :] * o_c
+        r_start = s * per
+        r_end = tl.minimum(r_start + per, rows)
+        for r0 in range(r_start, r_end, BLOCK_R):
+            r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            mask = (r < r_end)[:, None] & cmask[None, :]
+            x = tl.load(xs + r[:, None] * s_r, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(ds + r[:, None] * d_r, mask=mask, other=0.0).to(tl.float32)
+            xhat = (x - mean) * rstd
+            dx = rstd * (dy * w[None, :] - mean_a - xhat * mean_b)
+            tl.store(os + r[:, None] * o_r, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+class _GroupNormNHWC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, groups, weight, bias, eps):
+        n, c, h, w = x.shape
+        rows, cg = h * w, c // groups
+        splits, per, block_r, block_c = _plan(n, groups, rows, cg)
+        total = n * groups * splits
+        part = torch.empty(3 * total, device=x.device, dtype=torch.float32)
+        stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
+        y = torch.empty_like(x)
+        grid = (n * groups, splits)
+        _stats[grid](x, part, total, rows, cg, groups, *_view(x), per, splits, BLOCK_R=block_r, BLOCK_C=block_c)
+        _normalise[grid](x, y, weight if weight is not None else x, bias if bias is not None else x, part,
+                         stats[0], stats[1], total, rows, cg, groups, *_view(x), *_view(y), per, splits, eps,
+                         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+                         BLOCK_S=triton.next_power_of_2(splits))
+        ctx.save_for_backward(x, weight, stats)
+        ctx.groups, ctx.has_bias = groups, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, stats = ctx.saved_tensors
+        n, c, h, w = x.shape
+        if dy.stride(2) != w * dy.stride(3):  # H and W not mergeable into one row index: rare, give it x's layout
+            dy = dy.contiguous(memory_format=torch.channels_last)
+        groups = ctx.groups
+        rows, cg = h * w, c // groups
+        splits, per, block_r, block_c = _plan(n, groups, rows, cg)
+        total = n * groups * splits
+        param_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        part = torch.empty(2 * total, device=x.device, dtype=torch.float32)
+        dwb = torch.empty(n * splits, 2, c, device=x.device, dtype=torch.float32) if param_grads else part
+        grid = (n * groups, splits)
+        w_arg = weight if weight is not None else x
+        _grad_sums[grid](x, dy, w_arg, stats[0], stats[1], part, dwb, total, rows, cg, groups, c, *_view(x),
+                         *_view(dy), per, splits, HAS_W=weight is not None, PARAM_GRADS=param_grads,
+                         BLOCK_R=block_r, BLOCK_C=block_c)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x)
+            _grad_input[grid](x, dy, dx, w_arg, stats[0], stats[1], part, total, rows, cg, groups, *_view(x),
+                              *_view(dy), *_view(dx), per, splits, HAS_W=weight is not None, BLOCK_R=block_r,
+                              BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(splits))
+        dweight = dbias = None
+        if param_grads:
+            sums = dwb.sum(0)
+            if weight is not None and ctx.needs_input_grad[2]:
+                dweight = sums[0].to(weight.dtype)
+            if ctx.has_bias and ctx.needs_input_grad[3]:
+                dbias = sums[1].to(x.dtype)
+        return dx, None, dweight, dbias, None
+
+
+def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    """F.group_norm for a tensor `applies` accepts, in its own layout."""
+    if x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
+    return _GroupNormNHWC.apply(x, groups, weight, bias, eps)

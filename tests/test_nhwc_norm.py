@@ -1,0 +1,113 @@
+"""The channels-last GroupNorm kernels (lora_core/nhwc_norm.py) against PyTorch's GroupNorm: values and
+gradients, in both layouts, with the work split over several programs and tiles. On the CPU the kernels
+run in Triton's interpreter (in a subprocess: the interpreter is chosen when Triton is imported); on a
+GPU compiled, in bf16, at the UNet's shapes; and the UNet's norm modules take them when they apply."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_core import nhwc_norm
+
+CHECK = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    from lora_core import nhwc_norm
+    nhwc_norm.TILE, nhwc_norm.TARGET_PROGRAMS = 64, 16  # several tiles per program, several programs per group
+    torch.manual_seed(0)
+    worst = 0.0
+    for shape, groups, cl, affine in [((2, 12, 5, 7), 3, True, True), ((1, 40, 9, 9), 4, True, True),
+                                      ((1, 40, 9, 9), 4, False, True), ((3, 8, 13, 11), 2, True, False),
+                                      ((1, 6, 30, 31), 3, True, True)]:
+        x = torch.randn(shape) * 3 + 5  # a mean far from zero: a naive sum of squares would lose digits
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        p = [(torch.randn(shape[1]) + 1).requires_grad_(), torch.randn(shape[1]).requires_grad_()] if affine else []
+        y = nhwc_norm.group_norm(x, groups, *(p or [None, None]), 1e-5)
+        assert y.is_contiguous(memory_format=torch.channels_last) == cl, "the output left the input's layout"
+        g = torch.randn(shape)
+        got = [y, *torch.autograd.grad(y, [x, *p], g)]
+        ref_in = [t.detach().double().requires_grad_() for t in (x, *p)]
+        ref = F.group_norm(ref_in[0], groups, *(ref_in[1:] or [None, None]), eps=1e-5)
+        want = [ref, *torch.autograd.grad(ref, ref_in, g.double())]
+        for a, b in zip(got, want, strict=True):
+            err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1)).item()
+            worst = max(worst, err)
+    print("worst", worst)
+""")
+
+
+def test_kernels_match_group_norm_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    worst = float(out.stdout.split("worst")[-1])
+    assert worst < 1e-5, out.stdout
+
+
+def test_only_channels_last_half_cuda_tensors_apply():
+    x = torch.randn(1, 8, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    assert not nhwc_norm.applies(x, None)  # a CPU tensor: PyTorch's own kernel
+    assert not nhwc_norm.applies(x.float(), None)
+    with pytest.raises(ValueError, match="8 channels do not split into 3 groups"):
+        nhwc_norm.group_norm(x, 3, None, None, 1e-5)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", [(1, 320, 64, 64), (2, 640, 32, 32), (4, 1280, 8, 8), (2, 320, 128, 128),
+                                   (1, 128, 256, 256)])
+def test_kernels_match_group_norm_on_the_gpu(shape):
+    torch.manual_seed(0)
+    x = (torch.randn(shape, device="cuda") * 2 + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(shape[1], device="cuda") + 1).to(torch.bfloat16)
+    b = torch.randn(shape[1], device="cuda").to(torch.bfloat16)
+    assert nhwc_norm.applies(x, w)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    y = nhwc_norm.group_norm(x, 32, w, b, 1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    got = [y, *torch.autograd.grad(y, [x, w, b], g)]
+    ref_in = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    ref = F.group_norm(ref_in[0], 32, ref_in[1], ref_in[2], eps=1e-5)
+    want = [ref, *torch.autograd.grad(ref, ref_in, g.float())]
+    for name, a, r in zip(["y", "dx", "dw", "db"], got, want, strict=True):
+        err = ((a.float() - r).abs().max() / r.abs().max()).item()
+        assert err < 2e-2, f"{name}: relative error {err:.3g}"  # bf16 output rounding, fp32 reference
+
+
+@pytest.mark.gpu
+@gpu
+def test_unet_norms_take_the_kernels_in_channels_last():
+    from lora_core.half_norms import use_half_norms
+    from lora_core.models import load_model
+
+    model = load_model("tiny:sd1", device=torch.device("cuda"))
+    unet = model.unet.to(dtype=torch.bfloat16)
+    x = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=torch.bfloat16)
+    t = torch.tensor([10, 500], device="cuda")
+    with torch.no_grad():
+        plain = unet(x, t, emb).sample.float()
+        unet.to(memory_format=torch.channels_last)
+        use_half_norms(unet, nhwc=True)
+        calls = []
+        real = nhwc_norm._GroupNormNHWC.apply
+        nhwc_norm._GroupNormNHWC.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            fast = unet(x.contiguous(memory_format=torch.channels_last), t, emb).sample.float()
+        finally:
+            nhwc_norm._GroupNormNHWC.apply = real
+    assert calls, "no GroupNorm took the channels-last kernels"
+    assert ((fast - plain).abs().max() / plain.abs().max()).item() < 3e-2
