@@ -3,8 +3,9 @@
 An eager SD1.5 UNet call launches hundreds of small kernels and on an H100 spends most of its time in
 the host (bench/RESULTS.md). `graphed(unet)` replaces the module's forward, for the length of a `with`
 block, by one that captures a graph per input shape and adapter state and replays it. The graph reads
-the weights where they live, so LoRA weights trained in place between previews are seen; a change of
-storage (a `.to()`, channels-last) or of any adapter multiplier gives a new key and a new capture.
+the weights where they live, so LoRA weights trained in place between previews are seen (and so are the
+working copies previews compute with, refreshed before each preview); a change of storage (a `.to()`,
+channels-last), of any adapter multiplier or of the working copy gives a new key and a new capture.
 Calls the graph cannot stand for (training mode, extra arguments) run eagerly. With `compiled` the
 graphs are captured from a torch.compile of the forward (about a minute to compile SD1.5 on first use;
 then about a third less time per preview, bench/RESULTS.md).
@@ -68,7 +69,8 @@ class GraphedUNet:
         names = sorted(added_cond_kwargs or {})
         inputs = [sample, timestep.to(sample.device), encoder_hidden_states, *(added_cond_kwargs[n] for n in names)]
         key = (tuple((x.shape, x.dtype) for x in inputs), tuple(names),
-               tuple((m.multiplier, m.merged, _per_image_key(m)) for m in self.adapters),
+               tuple((m.multiplier, m.merged, _per_image_key(m), m.work and m.work[0].data_ptr())
+                     for m in self.adapters),
                tuple((p.data_ptr(), p.shape) for p in self.unet.parameters()))
         if key not in self.graphs:
             self._capture(key, inputs, names)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 try:
     import triton
@@ -34,11 +35,13 @@ def available() -> bool:
     return triton is not None
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """Whether `group_norm` takes this call: a 4-D channels-last half-precision CUDA tensor, parameters of
-    its dtype (or none), outside torch.compile (which fuses the norm itself)."""
-    return (triton is not None and x.is_cuda and x.dim() == 4 and x.dtype in HALF
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+def applies(x: torch.Tensor, weight: torch.Tensor | None, any_layout: bool = False) -> bool:
+    """Whether `group_norm` takes this call: a 4-D channels-last (or with `any_layout`, contiguous too)
+    half-precision CUDA tensor, parameters of its dtype (or none), outside torch.compile (which fuses the
+    norm itself)."""
+    layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() or (
+        any_layout and x.is_contiguous())
+    return (triton is not None and x.is_cuda and x.dim() == 4 and x.dtype in HALF and layout
             and (weight is None or weight.dtype == x.dtype) and not torch.compiler.is_compiling())
 
 
@@ -251,6 +254,24 @@ class _GroupNormNHWC(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[3]:
                 dbias = sums[1].to(x.dtype)
         return dx, None, dweight, dbias, None
+
+
+class NHWCGroupNorm(nn.GroupNorm):
+    """A GroupNorm that takes the kernels where they apply, in any layout (the VAE decodes in NCHW, where
+    PyTorch's kernel gives a batch-1 image only 32 blocks to fill the GPU with)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if applies(x, self.weight, any_layout=True):
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def use_nhwc_norms(model: nn.Module) -> int:
+    """Give every plain GroupNorm in `model` the kernels (NHWCGroupNorm); returns how many."""
+    norms = [m for m in model.modules() if type(m) is nn.GroupNorm]
+    for m in norms:
+        m.__class__ = NHWCGroupNorm
+    return len(norms)
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,

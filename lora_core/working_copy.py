@@ -26,6 +26,7 @@ class WorkingCopy:
         self.modules = [m for m in modules if m.lora_down.weight.requires_grad]
         self.params = [p for m in self.modules for p in (m.lora_down.weight, m.lora_up.weight)]
         self.copies = [torch.empty_like(p, dtype=dtype).requires_grad_() for p in self.params]
+        self.dtype = dtype
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:

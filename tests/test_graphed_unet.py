@@ -213,3 +213,30 @@ def test_a_preview_of_an_adapter_that_will_not_merge_is_drawn_unmerged(caplog, m
     assert "unmerged" in caplog.text
     after = model.unet.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in base.items())
+
+
+@pytest.mark.gpu
+def test_bf16_previews_compute_with_a_working_copy_refreshed_at_each_preview():
+    """A bf16 channels-last UNet (a training run's, GroupNorm kernels included): the preview, replayed from
+    graphs that read the adapters' half-precision working copy, draws the plain eager image; after the
+    fp32 weights change in place (as a training step changes them) the next preview draws the new image."""
+    from lora_core.half_norms import use_half_norms
+
+    model, modules = _model("cuda")
+    model.pipe.to(dtype=torch.bfloat16)
+    model.unet.to(memory_format=torch.channels_last)
+    use_half_norms(model.unet, nhwc=True)
+
+    def preview() -> np.ndarray:
+        return np.asarray(previews(model, modules, PROMPTS, [1.0], steps=6, guidance=5.0)[0][2]).astype(int)
+
+    first = preview()
+    assert model.unet.__dict__["_sampling_copy"].modules, "previews computed without the working copy"
+    assert all(m.work is None for m in modules.values()), "the copy stayed active after the preview"
+    assert np.abs(first - _pixels(model, graphs=False)).max() <= 8
+    with torch.no_grad():
+        for m in modules.values():
+            m.lora_up.weight.mul_(-4)
+    second = preview()
+    assert np.abs(second - _pixels(model, graphs=False)).max() <= 8
+    assert np.abs(second - first).mean() > 1, "the second preview did not see the changed weights"
