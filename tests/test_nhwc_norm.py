@@ -44,6 +44,8 @@ CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead (older "
+                    "Triton interpreters fail on NumPy 2)")
 def test_kernels_match_group_norm_in_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
