@@ -93,7 +93,8 @@ def test_training_with_half_norms_in_bf16_tracks_fp32_norms(tmp_path, caplog):
 def test_an_fp32_run_keeps_the_plain_norms(tmp_path, caplog):
     write_example_dataset(tmp_path / "d", n=2, size=64)
     cfg = resolve(overrides=[f"data.dir={tmp_path / 'd'}", "model.base=tiny:sd1", "data.resolution=64",
-                             "schedule.steps=1", "sampling.enabled=false", "performance.half_norms=true"])
+                             "schedule.steps=1", "sampling.enabled=false", "performance.half_norms=true",
+                             "performance.mixed_precision=no"])  # fp32 on a GPU too
     with caplog.at_level(logging.INFO, logger="lora_core.fast_step"):
         kinds = [ev.kind for ev in train(cfg, run_dir=tmp_path / "run")]
     assert kinds[-1] == "finished"
