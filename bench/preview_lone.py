@@ -5,7 +5,7 @@ merged into the base weights (`merge=True`), with the sampling UNet replayed fro
 compiled (`sampling.compile`; `compile_s` holds each compiled row's first call, mostly compiling).
 Prints one JSON line per row, medians of `--repeat` images in seconds, as each row finishes.
 
-    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...] [--grouped] [--nhwc-norms]
+    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...] [--grouped] [--nhwc-norms] [--no-copy]
 
 `--grouped` groups the attention projections first, as a training run does (`performance.fused_projections`);
 `--nhwc-norms` gives channels-last rows the GroupNorm kernels that keep the layout (`performance.nhwc_norms`).
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated, from: " + ", ".join(ROWS))
     ap.add_argument("--grouped", action="store_true", help="group the attention projections (fuse_projections)")
     ap.add_argument("--nhwc-norms", action="store_true", help="GroupNorm kernels that keep channels-last")
+    ap.add_argument("--no-copy", action="store_true", help="no working copy of the adapters (adapter_copy off)")
     a = ap.parse_args()
     rows = a.rows.split(",")
     model = load_model("full:sd15", device=torch.device("cuda"))
@@ -51,7 +52,7 @@ def main() -> None:
         torch.cuda.synchronize()
         t = time.perf_counter()
         previews(model, modules, ["a red circle on a white background"], [1.0], steps=25, guidance=7.0,
-                 size=512, merge=merge, compiled=compiled)
+                 size=512, merge=merge, compiled=compiled, working_copy=not a.no_copy)
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
@@ -64,7 +65,8 @@ def main() -> None:
         first = one(merge, compiled)  # the sampling graph's capture (and compile)
         times = sorted(one(merge, compiled) for _ in range(a.repeat))
         row = {"preview_lone": "full:sd15", "steps": 25, "cfg": 7.0, "row": name,
-               "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4), "grouped": a.grouped, "nhwc_norms": a.nhwc_norms}
+               "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4), "grouped": a.grouped, "nhwc_norms": a.nhwc_norms,
+               "working_copy": not a.no_copy}
         if compiled:
             row["compile_s"] = round(first, 1)
         print(json.dumps(row), flush=True)

@@ -3,7 +3,7 @@ channels-last, grouped projections, GroupNorms on channels-last tensors: what a 
 kernel time, with the top kernels and the top operators by GPU time, over one image after two warm-up
 images (the first records the sampling graphs).
 
-    python bench/profile_preview.py --out F [--compiled] [--ungrouped] [--plain-norms]
+    python bench/profile_preview.py --out F [--compiled] [--ungrouped] [--plain-norms] [--no-copy]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help="the sampling UNet compiled (sampling.compile)")
     ap.add_argument("--ungrouped", action="store_true", help="leave the attention projections layer by layer")
     ap.add_argument("--plain-norms", action="store_true", help="PyTorch's GroupNorm (performance.nhwc_norms off)")
+    ap.add_argument("--no-copy", action="store_true", help="no working copy of the adapters (adapter_copy off)")
     a = ap.parse_args()
     model = load_model("full:sd15", device=torch.device("cuda"))
     model.pipe.to(dtype=torch.bfloat16)
@@ -44,7 +45,7 @@ def main() -> None:
         torch.cuda.synchronize()
         t = time.perf_counter()
         previews(model, modules, ["a red circle on a white background"], [1.0], steps=25, guidance=7.0,
-                 size=512, compiled=a.compiled)
+                 size=512, compiled=a.compiled, working_copy=not a.no_copy)
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
@@ -56,7 +57,8 @@ def main() -> None:
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
     first = min(e.time_range.start for e in kernels)
     last = max(e.time_range.end for e in kernels)
-    summary = (f"lone preview, compiled={a.compiled}, grouped={not a.ungrouped}, nhwc_norms={not a.plain_norms}: median wall {walls[1]:.4f} s "
+    summary = (f"lone preview, compiled={a.compiled}, grouped={not a.ungrouped}, nhwc_norms={not a.plain_norms}, "
+               f"working_copy={not a.no_copy}: median wall {walls[1]:.4f} s "
                f"(profiled {profiled:.4f} s); {len(kernels)} GPU kernels, {busy:.4f} s of kernel time, "
                f"first to last kernel {(last - first) / 1e6:.4f} s")
     kern = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=110)

@@ -91,13 +91,14 @@ def preview_batch(model: LoadedModel, size: int | tuple[int, int] | None) -> int
 
 def previews(model: LoadedModel, modules: dict[str, LoRAModule], prompts: Sequence[str],
              scales: Sequence[float], *, seed: int = 0, batch: int | None = None, merge: bool = False,
-             **kw: object) -> list[tuple[str, float, Image.Image]]:
+             working_copy: bool = True, **kw: object) -> list[tuple[str, float, Image.Image]]:
     """Preview images of every prompt at each multiplier in `scales` (prompt i from seed + i at every
     scale), drawn `batch` at a time (default: preview_batch), each image with its own multiplier; the
     training multiplier (1) is restored after. With `merge`, a batch at one non-zero weight is drawn with
     the adapters merged into the base weights (unmerging restores them exactly). Off by default: on a GPU
     0-8% faster (bench/RESULTS.md), but a bf16 weight drops every part of the adapter's change smaller
-    than half its rounding step, so an early preview would under-show what the adapter has learned."""
+    than half its rounding step, so an early preview would under-show what the adapter has learned.
+    `working_copy`: on a half-precision GPU model, compute with `_sampling_copy`'s copies of the adapters."""
     roots = [model.unet, *model.text_encoders]
     was_training = [r.training for r in roots]
     for r in roots:
@@ -105,7 +106,7 @@ def previews(model: LoadedModel, modules: dict[str, LoRAModule], prompts: Sequen
     jobs = [(i, p, s) for s in scales for i, p in enumerate(prompts)]
     batch = batch or preview_batch(model, kw.get("size"))  # type: ignore[arg-type]
     out = []
-    copy = _sampling_copy(model.unet, modules)
+    copy = _sampling_copy(model.unet, modules) if working_copy else None
     try:
         for k in range(0, len(jobs), batch):
             part = jobs[k:k + batch]

@@ -189,7 +189,8 @@ def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, module
     graphs = cfg.performance.cuda_graphs != "off" and not has_compiled_blocks(model.unet)
     pics = previews(model, modules, prompts, s.scales, seed=s.seed, steps=s.steps, guidance=s.cfg,
                     size=s.size or cfg.data.resolution, negative=s.negative_prompt, graphs=graphs,
-                    attention=cfg.performance.attention, compiled=s.compile and graphs)
+                    attention=cfg.performance.attention, compiled=s.compile and graphs,
+                    working_copy=cfg.performance.adapter_copy)
     paths = []
     for i, (_, scale, img) in enumerate(pics):
         paths.append(str(save_png(img, run / "samples" / f"step-{step:06d}-p{i % len(prompts)}-w{scale:g}.png")))
