@@ -23,6 +23,7 @@ from lora_core.fused_projections import fuse_projections
 from lora_core.half_norms import use_half_norms
 from lora_core.inject import inject
 from lora_core.models import load_model
+from lora_core.nhwc_norm import keep_channels_last
 from lora_core.sampling import previews
 
 ROWS = ("unmerged", "merged", "unmerged_compiled", "merged_compiled", "unmerged_channels_last",
@@ -47,6 +48,8 @@ def main() -> None:
     if a.grouped:
         fuse_projections(model.unet)
     use_half_norms(model.unet, nhwc=a.nhwc_norms)
+    if a.nhwc_norms:
+        keep_channels_last(model.unet)
 
     def one(merge: bool, compiled: bool) -> float:
         torch.cuda.synchronize()

@@ -19,6 +19,7 @@ from lora_core.fused_projections import fuse_projections
 from lora_core.half_norms import use_half_norms
 from lora_core.inject import inject
 from lora_core.models import load_model
+from lora_core.nhwc_norm import keep_channels_last
 from lora_core.sampling import previews
 
 
@@ -35,6 +36,8 @@ def main() -> None:
     model.pipe.set_progress_bar_config(disable=True)
     model.unet.to(memory_format=torch.channels_last)
     use_half_norms(model.unet, nhwc=not a.plain_norms)
+    if not a.plain_norms:
+        keep_channels_last(model.unet)
     modules = inject(model.unet, model.text_encoders, model.family, targets="attn", rank=16, alpha=16)
     for m in modules.values():
         torch.nn.init.normal_(m.lora_up.weight, std=1e-3)

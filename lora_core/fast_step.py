@@ -186,6 +186,8 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
         log.info("normalisations run in the compute dtype: %d layers%s",
                  use_half_norms(model.unet, nhwc=perf.nhwc_norms),
                  ", GroupNorm in channels-last where the tensors are" if perf.nhwc_norms and nhwc_norm.available() else "")
+        if perf.nhwc_norms:
+            nhwc_norm.keep_channels_last(model.unet)
     # the grouped adapters' weight gradients come out of plain autograd in the compute dtype: kept off for an
     # fp16 base (no loss scaling here), where the fused kernel's fp32 gradients matter
     if perf.fused_projections and model.unet.dtype != torch.float16:

@@ -16,6 +16,7 @@ Statistics, scale and shift are fp32; the output has the input's dtype, as PyTor
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from torch import nn
@@ -272,6 +273,29 @@ def use_nhwc_norms(model: nn.Module) -> int:
     for m in norms:
         m.__class__ = NHWCGroupNorm
     return len(norms)
+
+
+def _transformer_output(self, hidden_states, residual, batch_size, height, width, inner_dim):
+    """diffusers' Transformer2DModel output, without its `.contiguous()` when the residual is channels-last:
+    the [B, HW, C] tokens are already a channels-last image, which the projection and the residual add
+    take as they are (the copy to NCHW left a mixed-layout add and a conversion in both passes)."""
+    if torch.compiler.is_compiling() or not residual.is_contiguous(memory_format=torch.channels_last):
+        return type(self)._get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height,
+                                                            width, inner_dim)
+    if not self.use_linear_projection:
+        hidden_states = self.proj_out(hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2))
+    else:
+        hidden_states = self.proj_out(hidden_states).reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+    return hidden_states + residual
+
+
+def keep_channels_last(unet: nn.Module) -> int:
+    """Let the UNet's transformer blocks hand back channels-last images as they are; returns how many."""
+    blocks = [m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"
+              and hasattr(m, "_get_output_for_continuous_inputs")]
+    for m in blocks:
+        m._get_output_for_continuous_inputs = types.MethodType(_transformer_output, m)
+    return len(blocks)
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,

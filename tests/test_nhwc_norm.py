@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_core import nhwc_norm
 
@@ -61,6 +62,40 @@ def test_only_channels_last_half_cuda_tensors_apply():
     assert not nhwc_norm.applies(x.float(), None)
     with pytest.raises(ValueError, match="8 channels do not split into 3 groups"):
         nhwc_norm.group_norm(x, 3, None, None, 1e-5)
+
+
+class _CountCopies(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.copies += func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_transformer_blocks_hand_back_channels_last_images_without_a_copy():
+    from lora_core.models import load_model
+
+    unet = load_model("tiny:sd1", device=torch.device("cpu")).unet.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim)
+    t = torch.tensor([10, 500])
+    block = next(m for m in unet.modules() if type(m).__name__ == "Transformer2DModel")
+    seen = []
+    block.register_forward_hook(lambda m, i, o: seen.append(o[0]))
+    blocks = sum(type(m).__name__ == "Transformer2DModel" for m in unet.modules())
+    with torch.no_grad():
+        with _CountCopies() as before:
+            plain = unet(x, t, emb).sample
+        assert nhwc_norm.keep_channels_last(unet) == blocks > 0
+        with _CountCopies() as after:
+            kept = unet(x, t, emb).sample
+        contiguous = unet(x.contiguous(), t, emb).sample  # an NCHW input keeps diffusers' own path
+    assert before.copies - after.copies == blocks, (before.copies, after.copies)
+    assert seen[1].is_contiguous(memory_format=torch.channels_last) and not seen[1].is_contiguous()
+    torch.testing.assert_close(kept, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(contiguous, plain, rtol=1e-4, atol=1e-5)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
