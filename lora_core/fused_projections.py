@@ -16,7 +16,9 @@ dropout, unequal scales, biases, weights moved since they were grouped) runs lay
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,8 @@ class Group:
     """The shared base weight of projections applied to one input, and where each layer's rows start."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
+        self.assembled: tuple[torch.Tensor, torch.Tensor] | None = None  # see `assembled`
+        self._assembly: tuple[torch.Tensor, torch.Tensor] | None = None
         weights = [_base(m).weight for m in layers]
         self.weight = torch.cat([w.detach() for w in weights])
         self.sizes = [w.shape[0] for w in weights]
@@ -66,9 +70,32 @@ class Group:
 
     def __call__(self, x: torch.Tensor, layers: tuple[nn.Module, ...], s: float) -> list[torch.Tensor]:
         y = F.linear(x, self.weight)
-        if s != 0:
+        ready = self.assembled
+        if s != 0 and ready is not None and not torch.is_grad_enabled() and ready[0].dtype == x.dtype == y.dtype:
+            # sampling: the adapters' product accumulated into the base's output, the assembly made beforehand
+            h = F.linear(x, ready[0])
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), ready[1].t(), alpha=s)
+        elif s != 0:
             y = y + _adapters(x, layers, s).to(y.dtype)
         return list(y.split(self.sizes, dim=-1))
+
+    def assemble(self, layers: tuple[nn.Module, ...]) -> None:
+        """Build [D;D;D] and blockdiag(U) from the layers' working copies into buffers kept on the group (the
+        same storage every time, so sampling graphs read them), for `__call__` to use without gradients."""
+        pairs = [getattr(m, "work", None) for m in layers]
+        if any(p is None for p in pairs):
+            self.assembled = None
+            return
+        with torch.no_grad():
+            down, up = torch.cat([d for d, _ in pairs]), torch.block_diag(*[u for _, u in pairs])
+            buf = self._assembly
+            if buf is None or any((a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device)
+                                  for a, b in zip(buf, (down, up), strict=True)):
+                buf = self._assembly = (down, up)
+            else:
+                buf[0].copy_(down)
+                buf[1].copy_(up)
+        self.assembled = buf
 
 
 def _adapters(x: torch.Tensor, layers: tuple[nn.Module, ...], s: float) -> torch.Tensor:
@@ -77,6 +104,27 @@ def _adapters(x: torch.Tensor, layers: tuple[nn.Module, ...], s: float) -> torch
     down, up = torch.cat([d for d, _ in pairs]), torch.block_diag(*[u for _, u in pairs])
     fp32 = layers[0].lora_down.weight.dtype
     return in_adapter_dtype(x, lambda x: F.linear(F.linear(x, down), up), fp32) * s
+
+
+NAMES = {"qkv": ("to_q", "to_k", "to_v"), "kv": ("to_k", "to_v")}  # a group's layers, by its key
+
+
+@contextlib.contextmanager
+def assembled(unet: nn.Module) -> Iterator[int]:
+    """Within the block, the groups of `unet` whose adapters compute with a working copy use the copy's
+    concatenation and block-diagonal made once, at the start, instead of at every call: for previews,
+    whose 25 denoising steps read the same adapters. Yields how many groups were assembled."""
+    groups = []
+    for attn in unet.modules():
+        for key, group in getattr(attn, "fused_groups", {}).items():
+            group.assemble(tuple(getattr(attn, name) for name in NAMES[key]))
+            if group.assembled is not None:
+                groups.append(group)
+    try:
+        yield len(groups)
+    finally:
+        for group in groups:
+            group.assembled = None
 
 
 def project(x: torch.Tensor, attn: Attention, key: str, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
@@ -116,12 +164,12 @@ class FusedProjections:
         if args or kwargs or attention_mask is not None or hidden_states.ndim != 3:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if encoder_hidden_states is None:
-            q, k, v = project(hidden_states, attn, "qkv", (attn.to_q, attn.to_k, attn.to_v))
+            q, k, v = project(hidden_states, attn, "qkv", tuple(getattr(attn, n) for n in NAMES["qkv"]))
         else:
             if attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             q = attn.to_q(hidden_states)
-            k, v = project(encoder_hidden_states, attn, "kv", (attn.to_k, attn.to_v))
+            k, v = project(encoder_hidden_states, attn, "kv", tuple(getattr(attn, n) for n in NAMES["kv"]))
         b, heads = hidden_states.shape[0], attn.heads
         q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
@@ -137,11 +185,11 @@ def fuse_projections(unet: nn.Module) -> int:
     for attn in unet.modules():
         if not isinstance(attn, Attention) or not _simple(attn):
             continue
-        names = ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v")
-        layers = [getattr(attn, name) for name in names]
+        key = "kv" if attn.is_cross_attention else "qkv"
+        layers = [getattr(attn, name) for name in NAMES[key]]
         if any(type(_base(m)) is not nn.Linear or _base(m).bias is not None for m in layers):
             continue
-        attn.fused_groups = {"kv" if attn.is_cross_attention else "qkv": Group(layers)}
+        attn.fused_groups = {key: Group(layers)}
         attn.set_processor(processor)
         n += 1
     return n

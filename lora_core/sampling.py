@@ -18,6 +18,7 @@ from PIL import Image
 from .attention import attention_kernels
 from .errors import AdapterError
 from .export import Adapter, LayerWeights, apply_adapter, check_fits, load_adapter
+from .fused_projections import assembled
 from .graphed_unet import graphed
 from .half_norms import use_half_norms
 from .inject import remove, set_multiplier, set_per_image
@@ -119,7 +120,7 @@ def previews(model: LoadedModel, modules: dict[str, LoRAModule], prompts: Sequen
                     _merge(modules)
             else:
                 set_per_image(modules, weights)
-            with copy.active() if copy else nullcontext():
+            with copy.active() if copy else nullcontext(), assembled(model.unet) if copy else nullcontext():
                 pics = draw(model, [p for _, p, _ in part], seeds=[seed + i for i, _, _ in part], batch=batch, **kw)
             out += [(p, s, img) for (_, p, s), img in zip(part, pics, strict=True)]
     finally:

@@ -169,3 +169,47 @@ def test_training_with_grouped_projections_tracks_layer_by_layer(tmp_path, monke
     assert grouped_calls >= 15 * 2 and plain_calls == 0  # the run grouped its projections; off means off
     assert len(grouped) == len(plain) == 15
     assert ((grouped - plain).abs() / plain.abs()).max() <= 1e-4, (grouped, plain)
+
+
+class _CountCats(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cats = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.cats += func is torch.ops.aten.block_diag.default  # only the grouped adapters make one
+        return func(*args, **(kwargs or {}))
+
+
+def test_assembled_adapters_are_made_once_per_block_and_follow_the_weights():
+    """`assembled` (previews): inside the block the groups compute with the working copy's concatenation
+    and block-diagonal made at its start, giving the per-call output; each new block sees weights changed
+    since the last; with gradients on, or after the block, the groups assemble at every call again."""
+    plain, grouped, n = _unet_pair()
+    adapters = [m for m in grouped.modules() if isinstance(m, fp.LoRALinear)]
+    work = WorkingCopy(adapters, torch.float32)  # the CPU's compute dtype stands in for bf16
+    x, t, text = _inputs(grouped)
+    for round_ in range(2):
+        with torch.no_grad():
+            want = plain(x, t, text).sample
+            with work.active(), fp.assembled(grouped) as made, _CountCats() as count:
+                got = grouped(x, t, text).sample
+        assert made == n and count.cats == 0, (made, count.cats)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():  # what a training step does between previews, to both copies of the UNet
+            for unet in (plain, grouped):
+                for m in unet.modules():
+                    if isinstance(m, fp.LoRALinear):
+                        m.lora_up.weight.mul_(-2.0 if round_ == 0 else 1.0)
+    assert all(g.assembled is None for a in grouped.modules() for g in getattr(a, "fused_groups", {}).values())
+    with torch.no_grad(), work.active(), _CountCats() as count:
+        grouped(x, t, text)
+    assert count.cats == n  # outside the block: one assembly per group and call
+    with work.active(), fp.assembled(grouped), _CountCats() as count:
+        grouped(x, t, text).sample.sum().backward()  # training: the gradients reach the copies
+    assert count.cats == n
+    in_groups = {id(getattr(a, name)) for a in grouped.modules() for key in getattr(a, "fused_groups", {})
+                 for name in fp.NAMES[key]}
+    assert all(m.work is None for m in adapters)
+    copies = {id(m): work.copies[2 * i:2 * i + 2] for i, m in enumerate(work.modules)}
+    assert all(c.grad is not None for i in in_groups for c in copies[i])
