@@ -3,7 +3,10 @@ channels-last, grouped projections, GroupNorms on channels-last tensors: what a 
 kernel time, with the top kernels and the top operators by GPU time, over one image after two warm-up
 images (the first records the sampling graphs).
 
-    python bench/profile_preview.py --out F [--compiled] [--ungrouped] [--plain-norms] [--no-copy]
+    python bench/profile_preview.py --out F [--compiled] [--ungrouped] [--plain-norms] [--no-copy] [--eager]
+
+`--eager` draws without the sampling graphs and adds the kernels grouped by the operators that launched
+them (a graph's replay hides that); its wall time is the host-bound eager one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import time
 
 import torch
+from profile_step import launchers
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -30,6 +34,7 @@ def main() -> None:
     ap.add_argument("--ungrouped", action="store_true", help="leave the attention projections layer by layer")
     ap.add_argument("--plain-norms", action="store_true", help="PyTorch's GroupNorm (performance.nhwc_norms off)")
     ap.add_argument("--no-copy", action="store_true", help="no working copy of the adapters (adapter_copy off)")
+    ap.add_argument("--eager", action="store_true", help="no sampling graphs; kernels by launching operators")
     a = ap.parse_args()
     model = load_model("full:sd15", device=torch.device("cuda"))
     model.pipe.to(dtype=torch.bfloat16)
@@ -48,7 +53,7 @@ def main() -> None:
         torch.cuda.synchronize()
         t = time.perf_counter()
         previews(model, modules, ["a red circle on a white background"], [1.0], steps=25, guidance=7.0,
-                 size=512, compiled=a.compiled, working_copy=not a.no_copy)
+                 size=512, compiled=a.compiled, working_copy=not a.no_copy, graphs=not a.eager)
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
@@ -65,6 +70,8 @@ def main() -> None:
                f"(profiled {profiled:.4f} s); {len(kernels)} GPU kernels, {busy:.4f} s of kernel time, "
                f"first to last kernel {(last - first) / 1e6:.4f} s")
     kern = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=110)
+    if a.eager:
+        kern += "\n\nkernels by the operators that launched them, per image: kernels, ms, chain\n" + launchers(prof, per=1)
     with open(a.out, "w") as f:
         f.write(f"{summary}\n{kern}\n")
     print(summary)

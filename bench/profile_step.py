@@ -64,8 +64,9 @@ def main() -> None:
         prof.export_chrome_trace(a.trace)
 
 
-def launchers(prof: profile, top: int = 40) -> str:
-    """Kernel counts and time grouped by the chain of operators above each launch (innermost first)."""
+def launchers(prof: profile, top: int = 40, per: int = 10) -> str:
+    """Kernel counts and time grouped by the chain of operators above each launch (innermost first), divided
+    by `per` (the profiled steps)."""
     agg: dict[str, list[float]] = {}
     for e in prof.events():
         if e.device_type != DeviceType.CPU or not e.kernels:
@@ -80,7 +81,7 @@ def launchers(prof: profile, top: int = 40) -> str:
         n_t[0] += len(e.kernels)
         n_t[1] += sum(k.duration for k in e.kernels)
     rows = sorted(agg.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
-    return "\n".join(f"{n / 10:7.1f} {t / 10_000:8.3f}  {key}" for key, (n, t) in rows)
+    return "\n".join(f"{n / per:7.1f} {t / per / 1000:8.3f}  {key}" for key, (n, t) in rows)
 
 
 if __name__ == "__main__":
