@@ -217,7 +217,7 @@ def plain_adapters(unet: torch.nn.Module) -> None:
         log.info("compiled UNet: its %d adapters take the plain path (the compiler fuses it)", len(fused))
 
 
-BLOCKS = ("Transformer2DModel", "ResnetBlock2D")  # most of an SD UNet's kernels live inside these
+BLOCKS = ("Transformer2DModel", "ChannelsLastTransformer2DModel", "ResnetBlock2D")  # most of an SD UNet's kernels
 BLOCK_RECOMPILE_LIMIT = 64  # compiled variants per block class: one per input shape (SDXL has about 20)
 
 

@@ -69,7 +69,7 @@ class GraphedUNet:
         names = sorted(added_cond_kwargs or {})
         inputs = [sample, timestep.to(sample.device), encoder_hidden_states, *(added_cond_kwargs[n] for n in names)]
         key = (tuple((x.shape, x.dtype) for x in inputs), tuple(names),
-               tuple((m.multiplier, m.merged, _per_image_key(m), m.work and m.work[0].data_ptr())
+               tuple((m.multiplier, m.merged, _per_image_key(m), m.work and tuple(w.data_ptr() for w in m.work))
                      for m in self.adapters),
                tuple((p.data_ptr(), p.shape) for p in self.unet.parameters()))
         if key not in self.graphs:

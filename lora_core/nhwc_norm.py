@@ -15,11 +15,15 @@ Statistics, scale and shift are fp32; the output has the input's dtype, as PyTor
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
-import types
 
 import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -27,23 +31,36 @@ try:
 except ImportError:  # CPU installs: the plain GroupNorm runs
     triton = None
 
+log = logging.getLogger(__name__)
+
 HALF = (torch.bfloat16, torch.float16)
 TARGET_PROGRAMS = 512  # programs per launch: a few per SM, so one sample's 32 groups still fill the GPU
 TILE = 2048  # elements each program loads at a time
+MIN_CAPABILITY = (7, 0)  # Triton's oldest GPUs
+
+
+_state = {"failed": False, "worked": False}  # the kernels failed to build on this machine / ran at least once
 
 
 def available() -> bool:
-    return triton is not None
+    return triton is not None and not _state["failed"]
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor | None, any_layout: bool = False) -> bool:
-    """Whether `group_norm` takes this call: a 4-D channels-last (or with `any_layout`, contiguous too)
-    half-precision CUDA tensor, parameters of its dtype (or none), outside torch.compile (which fuses the
-    norm itself)."""
+    """Whether `group_norm` takes this call: a non-empty 4-D channels-last (or with `any_layout`,
+    contiguous too) half-precision tensor on a GPU Triton supports, parameters of its dtype (or none),
+    outside torch.compile (which fuses the norm itself)."""
+    if not (available() and x.is_cuda and x.dim() == 4 and x.dtype in HALF and x.numel() > 0):
+        return False
     layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() or (
         any_layout and x.is_contiguous())
-    return (triton is not None and x.is_cuda and x.dim() == 4 and x.dtype in HALF and layout
-            and (weight is None or weight.dtype == x.dtype) and not torch.compiler.is_compiling())
+    return (layout and _mergeable(x) and (weight is None or weight.dtype == x.dtype)
+            and not torch.compiler.is_compiling() and _capable(x.device.index or 0))
 
 
 def _plan(n: int, groups: int, rows: int, cg: int) -> tuple[int, int, int, int]:
@@ -56,8 +73,14 @@ def _plan(n: int, groups: int, rows: int, cg: int) -> tuple[int, int, int, int]:
 
 
 def _view(t: torch.Tensor) -> tuple[int, int, int]:
-    """Strides of `t` [N, C, H, W] seen as [N, H*W, C] (H and W must be mergeable: true of both layouts)."""
-    return t.stride(0), t.stride(3), t.stride(1)
+    """Strides of `t` [N, C, H, W] seen as [N, H*W, C] (`_mergeable`). A size-1 W has any stride (layout
+    checks ignore it), so the step between pixels is then H's."""
+    return t.stride(0), t.stride(3) if t.shape[3] > 1 else t.stride(2), t.stride(1)
+
+
+def _mergeable(t: torch.Tensor) -> bool:
+    """Whether H and W of `t` can be walked as one pixel index with one step."""
+    return t.shape[2] == 1 or t.shape[3] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
 
 
 if triton is not None:
@@ -224,10 +247,11 @@ class _GroupNormNHWC(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, stats = ctx.saved_tensors
         n, c, h, w = x.shape
-        if dy.stride(2) != w * dy.stride(3):  # H and W not mergeable into one row index: rare, give it x's layout
+        if not _mergeable(dy):  # rare: give it a layout whose pixels are one index
             dy = dy.contiguous(memory_format=torch.channels_last)
         groups = ctx.groups
         rows, cg = h * w, c // groups
@@ -275,26 +299,29 @@ def use_nhwc_norms(model: nn.Module) -> int:
     return len(norms)
 
 
-def _transformer_output(self, hidden_states, residual, batch_size, height, width, inner_dim):
-    """diffusers' Transformer2DModel output, without its `.contiguous()` when the residual is channels-last:
-    the [B, HW, C] tokens are already a channels-last image, which the projection and the residual add
-    take as they are (the copy to NCHW left a mixed-layout add and a conversion in both passes)."""
-    if torch.compiler.is_compiling() or not residual.is_contiguous(memory_format=torch.channels_last):
-        return type(self)._get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height,
-                                                            width, inner_dim)
-    if not self.use_linear_projection:
-        hidden_states = self.proj_out(hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2))
-    else:
-        hidden_states = self.proj_out(hidden_states).reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
-    return hidden_states + residual
+class ChannelsLastTransformer2DModel(Transformer2DModel):
+    """diffusers' Transformer2DModel without its output's `.contiguous()` when the residual is
+    channels-last: the [B, HW, C] tokens are already a channels-last image, which the projection and the
+    residual add take as they are (the copy to NCHW left a mixed-layout add and a conversion in both
+    passes). Everything else, the state dict included, is the parent's."""
+
+    def _get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width, inner_dim):
+        if torch.compiler.is_compiling() or not residual.is_contiguous(memory_format=torch.channels_last):
+            return super()._get_output_for_continuous_inputs(hidden_states, residual, batch_size, height, width,
+                                                             inner_dim)
+        image = (batch_size, height, width, inner_dim)
+        if not self.use_linear_projection:
+            hidden_states = self.proj_out(hidden_states.reshape(image).permute(0, 3, 1, 2))
+        else:
+            hidden_states = self.proj_out(hidden_states).reshape(image).permute(0, 3, 1, 2)
+        return hidden_states + residual
 
 
 def keep_channels_last(unet: nn.Module) -> int:
     """Let the UNet's transformer blocks hand back channels-last images as they are; returns how many."""
-    blocks = [m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"
-              and hasattr(m, "_get_output_for_continuous_inputs")]
+    blocks = [m for m in unet.modules() if type(m) is Transformer2DModel]
     for m in blocks:
-        m._get_output_for_continuous_inputs = types.MethodType(_transformer_output, m)
+        m.__class__ = ChannelsLastTransformer2DModel
     return len(blocks)
 
 
@@ -303,4 +330,15 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
     """F.group_norm for a tensor `applies` accepts, in its own layout."""
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
-    return _GroupNormNHWC.apply(x, groups, weight, bias, eps)
+    if _state["worked"]:
+        return _GroupNormNHWC.apply(x, groups, weight, bias, eps)
+    try:  # the first call builds the kernels: a machine without what Triton needs falls back for good
+        y = _GroupNormNHWC.apply(x, groups, weight, bias, eps)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        _state["failed"] = True
+        log.warning("the channels-last GroupNorm kernels do not run here, PyTorch's GroupNorm runs instead: %s", e)
+        return F.group_norm(x, groups, weight, bias, eps)
+    _state["worked"] = True
+    return y

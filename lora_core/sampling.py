@@ -60,15 +60,16 @@ def cached_model(base: str, device: str = "auto") -> LoadedModel:
 def draw(model: LoadedModel, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, guidance: float = 7.0,
          size: int | tuple[int, int] | None = None, negative: str = "", graphs: bool = True,
          attention: str = "auto", seeds: Sequence[int] | None = None, batch: int = 1,
-         compiled: bool = False) -> list[Image.Image]:
+         compiled: bool = False, nhwc_norms: bool = True) -> list[Image.Image]:
     """One image per prompt with the model as it is now (adapters at their current multipliers), image i
     from seed `seeds[i]` (default seed + i), `batch` images per pipeline call. On a GPU the UNet is replayed
     from CUDA graphs unless `graphs` is False, recorded from a torch.compile of it if `compiled`.
-    `attention`: lora_core/attention.py."""
+    `attention`: lora_core/attention.py. `nhwc_norms`: the VAE's GroupNorms take lora_core/nhwc_norm.py's
+    kernels (`performance.nhwc_norms`)."""
     w, h = (size, size) if isinstance(size, int) else (size or (model.resolution, model.resolution))
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
     images = []
-    if model.unet.device.type == "cuda" and not model.pipe.vae.__dict__.get("_nhwc_norms"):
+    if nhwc_norms and model.unet.device.type == "cuda" and not model.pipe.vae.__dict__.get("_nhwc_norms"):
         model.pipe.vae.__dict__["_nhwc_norms"] = use_nhwc_norms(model.pipe.vae)  # a faster decode, the same maths
     replay = graphed(model.unet, compiled) if graphs and model.unet.device.type == "cuda" else nullcontext()
     with replay, attention_kernels(attention, model.unet.device):
@@ -108,8 +109,8 @@ def previews(model: LoadedModel, modules: dict[str, LoRAModule], prompts: Sequen
     jobs = [(i, p, s) for s in scales for i, p in enumerate(prompts)]
     batch = batch or preview_batch(model, kw.get("size"))  # type: ignore[arg-type]
     out = []
-    copy = _sampling_copy(model.unet, modules) if working_copy else None
     try:
+        copy = _sampling_copy(model.unet, modules) if working_copy else None
         for k in range(0, len(jobs), batch):
             part = jobs[k:k + batch]
             weights = [s for _, _, s in part]

@@ -190,7 +190,7 @@ def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, module
     pics = previews(model, modules, prompts, s.scales, seed=s.seed, steps=s.steps, guidance=s.cfg,
                     size=s.size or cfg.data.resolution, negative=s.negative_prompt, graphs=graphs,
                     attention=cfg.performance.attention, compiled=s.compile and graphs,
-                    working_copy=cfg.performance.adapter_copy)
+                    working_copy=cfg.performance.adapter_copy, nhwc_norms=cfg.performance.nhwc_norms)
     paths = []
     for i, (_, scale, img) in enumerate(pics):
         paths.append(str(save_png(img, run / "samples" / f"step-{step:06d}-p{i % len(prompts)}-w{scale:g}.png")))
