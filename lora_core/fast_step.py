@@ -111,8 +111,8 @@ class GraphedStep:
 
 # `compile = auto` compiles when the time it saves exceeds the compile (132-153 s for SD1.5 on a fresh H200,
 # 173 s on an H100). Measured (bench/RESULTS.md): against a graphed step it saves 1.4 ms per sample at
-# SD1.5 batch 16 and 4.8 ms at batch 1 on the H200, so it pays after ~100k samples at batch 16 (~28k at
-# batch 1, rarer runs: the threshold keeps the larger figure); against an eager step (graphs
+# SD1.5 batch 16, and at batch 1 about 1.4 ms too since the graphed step's GroupNorms keep channels-last
+# (16.2-16.4 ms against 14.9 ms; 4.8 ms before), so it pays after ~100k samples at either size; against an eager step (graphs
 # blocked) it saved 83 ms per batch-16 step on the H100, so it pays after ~2000 batches. Gradient
 # checkpointing under the compiler is not measured (speed or memory), so `auto` leaves those runs eager.
 COMPILE_MIN_SAMPLES_GRAPHED = 100_000
