@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--ungrouped", action="store_true", help="leave the attention projections layer by layer")
     ap.add_argument("--plain-norms", action="store_true", help="PyTorch's GroupNorm (performance.nhwc_norms off)")
     ap.add_argument("--no-copy", action="store_true", help="no working copy of the adapters (adapter_copy off)")
+    ap.add_argument("--trace", default="", help="also write a Chrome trace (where the gaps between kernels are)")
     ap.add_argument("--eager", action="store_true", help="no sampling graphs; kernels by launching operators")
     a = ap.parse_args()
     model = load_model("full:sd15", device=torch.device("cuda"))
@@ -75,6 +76,8 @@ def main() -> None:
     with open(a.out, "w") as f:
         f.write(f"{summary}\n{kern}\n")
     print(summary)
+    if a.trace:
+        prof.export_chrome_trace(a.trace)
 
 
 if __name__ == "__main__":
