@@ -71,6 +71,7 @@ def main() -> None:
                f"(profiled {profiled:.4f} s); {len(kernels)} GPU kernels, {busy:.4f} s of kernel time, "
                f"first to last kernel {(last - first) / 1e6:.4f} s")
     kern = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=110)
+    kern += "\n\n" + gaps(prof, kernels)
     if a.eager:
         kern += "\n\nkernels by the operators that launched them, per image: kernels, ms, chain\n" + launchers(prof, per=1)
     with open(a.out, "w") as f:
@@ -78,6 +79,22 @@ def main() -> None:
     print(summary)
     if a.trace:
         prof.export_chrome_trace(a.trace)
+
+
+def gaps(prof: profile, kernels: list, top: int = 8) -> str:
+    """The GPU's idle time between kernels: how much of it is in gaps of 10 us or more, and what the host
+    was doing during the longest ones (the CPU events spanning each gap's start)."""
+    ks = sorted(kernels, key=lambda e: e.time_range.start)
+    idle = [(b.time_range.start - a.time_range.end, a.time_range.end) for a, b in zip(ks, ks[1:], strict=False)]
+    idle = [(g, t) for g, t in idle if g > 0]
+    big = sorted((x for x in idle if x[0] >= 10), reverse=True)
+    cpu = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+    lines = [f"idle between kernels: {sum(g for g, _ in idle) / 1e3:.1f} ms in {len(idle)} gaps; "
+             f"{sum(g for g, _ in big) / 1e3:.1f} ms in {len(big)} gaps of 10 us or more; the longest:"]
+    for g, t in big[:top]:
+        host = sorted({e.name for e in cpu if e.time_range.start <= t <= e.time_range.end})
+        lines.append(f"  {g:8.0f} us  host in: {', '.join(host)[:300]}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
