@@ -83,7 +83,7 @@ def main() -> None:
 
 def gaps(prof: profile, kernels: list, top: int = 8) -> str:
     """The GPU's idle time between kernels: how much of it is in gaps of 10 us or more, and what the host
-    was doing during the longest ones (the CPU events spanning each gap's start)."""
+    was doing during the longest ones (the CPU events overlapping each gap)."""
     ks = sorted(kernels, key=lambda e: e.time_range.start)
     idle = [(b.time_range.start - a.time_range.end, a.time_range.end) for a, b in zip(ks, ks[1:], strict=False)]
     idle = [(g, t) for g, t in idle if g > 0]
@@ -92,7 +92,7 @@ def gaps(prof: profile, kernels: list, top: int = 8) -> str:
     lines = [f"idle between kernels: {sum(g for g, _ in idle) / 1e3:.1f} ms in {len(idle)} gaps; "
              f"{sum(g for g, _ in big) / 1e3:.1f} ms in {len(big)} gaps of 10 us or more; the longest:"]
     for g, t in big[:top]:
-        host = sorted({e.name for e in cpu if e.time_range.start <= t <= e.time_range.end})
+        host = sorted({e.name for e in cpu if e.time_range.start < t + g and e.time_range.end > t})
         lines.append(f"  {g:8.0f} us  host in: {', '.join(host)[:300]}")
     return "\n".join(lines)
 
