@@ -90,5 +90,10 @@ def lora_linear(x: torch.Tensor, base: torch.nn.Linear, down: torch.Tensor, up: 
     x2 = x.to(dt).reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
         d, u = (None, None) if work is None else (work[0].detach(), work[1].detach())
-        y = _LoRALinearFn.apply(x2, base.weight.to(dt), bias, down, up, scale, d, u)
+        if torch.is_grad_enabled():
+            y = _LoRALinearFn.apply(x2, base.weight.to(dt), bias, down, up, scale, d, u)
+        else:  # sampling: nothing to save for a backward, and the scale rides on the up product
+            d = (down if d is None else d).to(dt)
+            u = (up if u is None else u).to(dt)
+            y = F.linear(x2, base.weight.to(dt), bias).addmm_(F.linear(x2, d), u.t(), alpha=scale)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -99,6 +99,28 @@ def test_sampling_is_fused_and_dropout_and_per_image_are_not():
     assert not fused._fuses()
 
 
+def test_sampling_takes_three_products_and_gives_the_training_forward():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    fused, _ = _pair(8, 8, True, multiplier=0.6)
+    x = torch.randn(4, 8)
+    train_forward = fused(x)  # gradients on: the autograd function's forward
+    with torch.no_grad(), Ops() as ops:
+        sampled = fused(x)
+    torch.testing.assert_close(sampled, train_forward.detach(), atol=1e-6, rtol=1e-6)
+    products = [n for n in ops.names if n in ("mm", "addmm", "addmm_", "mul", "mul_")]
+    assert products == ["addmm", "mm", "addmm_"], ops.names  # no separate scaling kernel
+
+
 def _losses(cfg, run):
     return [ev.loss for ev in train(cfg, run_dir=run) if ev.kind == "step"]
 
