@@ -133,9 +133,28 @@ def compiles(cfg: TrainConfig, device: torch.device, steps: int, graphs: bool) -
     return batches >= COMPILE_MIN_BATCHES_EAGER
 
 
-# channels-last helps graphed steps up to this many latent pixels per batch (batch x (resolution / 8)^2):
-# SD1.5 512 at batch 4, SDXL 1024 at batch 1 (bench/RESULTS.md)
+# with PyTorch's GroupNorm (which copies channels-last tensors to NCHW and back), channels-last helps graphed
+# steps up to this many latent pixels per batch (batch x (resolution / 8)^2): SD1.5 512 at batch 4, SDXL 1024
+# at batch 1 (bench/RESULTS.md)
 CHANNELS_LAST_MAX_LATENT = 4 * 64 * 64
+
+
+def wants_channels_last(cfg: TrainConfig, unet_dtype: torch.dtype, graphs: bool, compiled: bool) -> bool:
+    """`performance.channels_last`: `auto` = for graphed steps, at any batch where GroupNorm keeps the layout
+    (`nhwc_norms` on a half-precision base, not compiled), else for small batches only.
+
+    cuDNN's convolutions want NHWC: with NCHW a quarter of a graphed SD1.5 batch-1 step's GPU time went to
+    layout conversions. Measured (bench/RESULTS.md): with PyTorch's GroupNorm, SD1.5 +9% at batch 1, +3% at
+    batch 4, -8% at batch 16 (SDXL +7% at batch 1, -7% at batch 4); with the layout-keeping norms, SD1.5
+    batch 16 +12%. Eager steps wait on the host and gain nothing."""
+    perf = cfg.performance
+    if perf.channels_last != "auto":
+        return perf.channels_last == "on"
+    if not graphs:
+        return False
+    keeps_layout = (perf.half_norms and perf.nhwc_norms and unet_dtype in HALF and not compiled
+                    and nhwc_norm.available())
+    return keeps_layout or cfg.schedule.batch_size * (cfg.data.resolution // 8) ** 2 <= CHANNELS_LAST_MAX_LATENT
 
 
 def graph_blockers(cfg: TrainConfig, processes: int) -> list[str]:
@@ -175,12 +194,8 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
     CUDA graphs), except for blocks compiled in place (`compile_scope = blocks`).
     """
     perf = cfg.performance
-    small = cfg.schedule.batch_size * (cfg.data.resolution // 8) ** 2 <= CHANNELS_LAST_MAX_LATENT
-    if perf.channels_last == "on" or perf.channels_last == "auto" and graphs and small:
-        # cuDNN's convolutions want NHWC: with NCHW a quarter of a graphed SD1.5 batch-1 step's GPU time
-        # went to layout conversions. Measured (bench/RESULTS.md): SD1.5 +9% at batch 1, +3% at batch 4,
-        # -8% at batch 16; SDXL +7% at batch 1, -7% at batch 4: large batches are bound by attention.
-        # Eager steps wait on the host and gain nothing.
+    compiled = compiles(cfg, device, steps, graphs)
+    if wants_channels_last(cfg, model.unet.dtype, graphs, compiled):
         model.unet.to(memory_format=torch.channels_last)
     if perf.half_norms and model.unet.dtype in HALF:  # a half-precision base means mixed precision is on
         log.info("normalisations run in the compute dtype: %d layers%s",
@@ -192,7 +207,7 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
     # fp16 base (no loss scaling here), where the fused kernel's fp32 gradients matter
     if perf.fused_projections and model.unet.dtype != torch.float16:
         log.info("attention projections grouped into one product each: %d groups", fuse_projections(model.unet))
-    if not compiles(cfg, device, steps, graphs):
+    if not compiled:
         if perf.compile == "auto" and device.type == "cuda":
             log.info("the UNet is not compiled: too short a run to win the compile time back "
                      "(`performance.compile = on` compiles it anyway)")

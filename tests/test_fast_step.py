@@ -21,6 +21,7 @@ from lora_core.fast_step import (
     graph_blockers,
     has_compiled_blocks,
     use_graphs,
+    wants_channels_last,
 )
 from lora_core.models import load_model
 from lora_core.trainer import train
@@ -65,6 +66,29 @@ def test_auto_compiles_only_runs_long_enough_to_win_the_compile_back():
     assert not auto(10**6, "performance.gradient_checkpointing=true")  # not measured under the compiler
     assert auto(1, "performance.gradient_checkpointing=true", "performance.compile=on")
     assert not auto(2000) and not auto(10**6, "performance.compile=off") and auto(1, "performance.compile=on")
+
+
+def test_auto_channels_last_at_any_batch_only_where_groupnorm_keeps_the_layout(monkeypatch):
+    """PyTorch's GroupNorm copies channels-last tensors to NCHW and back, which lost at large batches;
+    the layout-keeping norms (nhwc_norms on a half base, not compiled) make it pay at any graphed batch."""
+    from lora_core import nhwc_norm
+    monkeypatch.setattr(nhwc_norm, "available", lambda: True)
+    bf16 = torch.bfloat16
+
+    def auto(*extra, dtype=bf16, graphs=True, compiled=False):
+        return wants_channels_last(cfg_with(*extra), dtype, graphs, compiled)
+
+    assert auto("schedule.batch_size=16")
+    assert not auto("schedule.batch_size=16", "performance.nhwc_norms=false")
+    assert not auto("schedule.batch_size=16", "performance.half_norms=false")
+    assert not auto("schedule.batch_size=16", dtype=torch.float32)
+    assert not auto("schedule.batch_size=16", compiled=True)  # the compiler fuses its own norms
+    assert auto("schedule.batch_size=4", "performance.nhwc_norms=false")  # small batches win either way
+    assert not auto("schedule.batch_size=1", graphs=False)  # eager steps wait on the host
+    assert auto("schedule.batch_size=1", "performance.channels_last=on", graphs=False)
+    assert not auto("schedule.batch_size=1", "performance.channels_last=off")
+    monkeypatch.setattr(nhwc_norm, "available", lambda: False)
+    assert not auto("schedule.batch_size=16")
 
 
 def test_saved_optimizer_state_resumes_without_a_gpu():
