@@ -208,7 +208,9 @@ class PerformanceConfig:
                           "gradient checkpointing, accumulation, several processes or "
                           "LoRA dropout).", choices=AUTO_OFF_ON)
     channels_last: str = _f("auto", "Use channels-last memory format for convolutions. `auto` = with CUDA "
-                            "graphs for small batches (up to 4 at 512 px, 1 at 1024 px), where it measured faster.", choices=AUTO_OFF_ON)
+                            "graphs at any batch where GroupNorm keeps the layout (`nhwc_norms` on a half-precision base, "
+                            "not compiled), else for small batches only (up to 4 at 512 px, 1 at 1024 px), "
+                            "where each measured faster.", choices=AUTO_OFF_ON)
     attention: str = _f("auto", "Attention kernel tried first: `auto` = cuDNN's on H100-class GPUs (measured "
                         "1.6-1.8x faster than flash attention there), PyTorch's own order elsewhere; "
                         "`cudnn` or `flash` on any GPU; `torch` = PyTorch's order.",
