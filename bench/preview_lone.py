@@ -5,10 +5,11 @@ merged into the base weights (`merge=True`), with the sampling UNet replayed fro
 compiled (`sampling.compile`; `compile_s` holds each compiled row's first call, mostly compiling).
 Prints one JSON line per row, medians of `--repeat` images in seconds, as each row finishes.
 
-    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...] [--grouped] [--nhwc-norms] [--no-copy]
+    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...] [--grouped] [--nhwc-norms] [--geglu] [--no-copy]
 
 `--grouped` groups the attention projections first, as a training run does (`performance.fused_projections`);
-`--nhwc-norms` gives channels-last rows the GroupNorm kernels that keep the layout (`performance.nhwc_norms`).
+`--nhwc-norms` gives channels-last rows the GroupNorm kernels that keep the layout (`performance.nhwc_norms`);
+`--geglu` gives the feed-forward the fused GEGLU kernels (`performance.fused_geglu`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import torch
 
 from lora_core.fused_projections import fuse_projections
+from lora_core.geglu import use_fused_geglu
 from lora_core.half_norms import use_half_norms
 from lora_core.inject import inject
 from lora_core.models import load_model
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated, from: " + ", ".join(ROWS))
     ap.add_argument("--grouped", action="store_true", help="group the attention projections (fuse_projections)")
     ap.add_argument("--nhwc-norms", action="store_true", help="GroupNorm kernels that keep channels-last")
+    ap.add_argument("--geglu", action="store_true", help="the fused GEGLU kernels (performance.fused_geglu)")
     ap.add_argument("--no-copy", action="store_true", help="no working copy of the adapters (adapter_copy off)")
     a = ap.parse_args()
     rows = a.rows.split(",")
@@ -50,6 +53,8 @@ def main() -> None:
     use_half_norms(model.unet, nhwc=a.nhwc_norms)
     if a.nhwc_norms:
         keep_channels_last(model.unet)
+    if a.geglu:
+        use_fused_geglu(model.unet)
 
     def one(merge: bool, compiled: bool) -> float:
         torch.cuda.synchronize()
@@ -68,7 +73,7 @@ def main() -> None:
         first = one(merge, compiled)  # the sampling graph's capture (and compile)
         times = sorted(one(merge, compiled) for _ in range(a.repeat))
         row = {"preview_lone": "full:sd15", "steps": 25, "cfg": 7.0, "row": name,
-               "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4), "grouped": a.grouped, "nhwc_norms": a.nhwc_norms,
+               "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4), "grouped": a.grouped, "nhwc_norms": a.nhwc_norms, "geglu": a.geglu,
                "working_copy": not a.no_copy}
         if compiled:
             row["compile_s"] = round(first, 1)

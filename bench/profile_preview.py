@@ -20,6 +20,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from lora_core.fused_projections import fuse_projections
+from lora_core.geglu import use_fused_geglu
 from lora_core.half_norms import use_half_norms
 from lora_core.inject import inject
 from lora_core.models import load_model
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help="the sampling UNet compiled (sampling.compile)")
     ap.add_argument("--ungrouped", action="store_true", help="leave the attention projections layer by layer")
     ap.add_argument("--plain-norms", action="store_true", help="PyTorch's GroupNorm (performance.nhwc_norms off)")
+    ap.add_argument("--plain-geglu", action="store_true", help="diffusers' GEGLU (performance.fused_geglu off)")
     ap.add_argument("--no-copy", action="store_true", help="no working copy of the adapters (adapter_copy off)")
     ap.add_argument("--trace", default="", help="also write a Chrome trace (where the gaps between kernels are)")
     ap.add_argument("--eager", action="store_true", help="no sampling graphs; kernels by launching operators")
@@ -49,6 +51,8 @@ def main() -> None:
         torch.nn.init.normal_(m.lora_up.weight, std=1e-3)
     if not a.ungrouped:
         fuse_projections(model.unet)
+    if not a.plain_geglu:
+        use_fused_geglu(model.unet)
 
     def one() -> float:
         torch.cuda.synchronize()
@@ -67,6 +71,7 @@ def main() -> None:
     first = min(e.time_range.start for e in kernels)
     last = max(e.time_range.end for e in kernels)
     summary = (f"lone preview, compiled={a.compiled}, grouped={not a.ungrouped}, nhwc_norms={not a.plain_norms}, "
+               f"geglu={not a.plain_geglu}, "
                f"working_copy={not a.no_copy}: median wall {walls[1]:.4f} s "
                f"(profiled {profiled:.4f} s); {len(kernels)} GPU kernels, {busy:.4f} s of kernel time, "
                f"first to last kernel {(last - first) / 1e6:.4f} s")

@@ -225,6 +225,10 @@ class PerformanceConfig:
                           "activations as they are (Triton kernels on CUDA) instead of PyTorch's, which "
                           "copies them to the other layout and back in both passes. Previews use them "
                           "too. Off = PyTorch's GroupNorm.")
+    fused_geglu: bool = _f(True, "Run the feed-forward's GEGLU (value times GELU of the gate) as one GPU "
+                           "kernel each way on bf16/fp16 activations, instead of diffusers' split, GELU and "
+                           "multiply (and a concatenation in the backward pass); it saves only the "
+                           "projection's output. Previews use it too. Off = diffusers' GEGLU.")
     fused_lora: bool = _f(True, "Train each adapted linear layer through one hand-written forward and "
                           "backward (fewer, cheaper GPU kernels; the same maths). Off = the plain "
                           "three-layer path.")

@@ -24,6 +24,7 @@ import torch
 
 from . import nhwc_norm
 from .fused_projections import fuse_projections
+from .geglu import use_fused_geglu
 from .half_norms import HALF, use_half_norms
 from .lora import LoRAModule
 
@@ -203,6 +204,8 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
                  ", GroupNorm in channels-last where the tensors are" if perf.nhwc_norms and nhwc_norm.available() else "")
         if perf.nhwc_norms:
             nhwc_norm.keep_channels_last(model.unet)
+    if perf.fused_geglu and model.unet.dtype in HALF:  # CPU tensors take diffusers' path in the layer
+        log.info("feed-forward GEGLU fused into one kernel each way: %d layers", use_fused_geglu(model.unet))
     # the grouped adapters' weight gradients come out of plain autograd in the compute dtype: kept off for an
     # fp16 base (no loss scaling here), where the fused kernel's fp32 gradients matter
     if perf.fused_projections and model.unet.dtype != torch.float16:

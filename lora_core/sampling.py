@@ -19,6 +19,7 @@ from .attention import attention_kernels
 from .errors import AdapterError
 from .export import Adapter, LayerWeights, apply_adapter, check_fits, load_adapter
 from .fused_projections import assembled
+from .geglu import use_fused_geglu
 from .graphed_unet import graphed
 from .half_norms import use_half_norms
 from .inject import remove, set_multiplier, set_per_image
@@ -51,6 +52,7 @@ def cached_model(base: str, device: str = "auto") -> LoadedModel:
             model.unet.to(memory_format=torch.channels_last)  # cuDNN's layout: ~10% faster sampling
             use_half_norms(model.unet, nhwc=True)  # and GroupNorms that keep it (lora_core/nhwc_norm.py)
             keep_channels_last(model.unet)
+            use_fused_geglu(model.unet)  # one kernel for the feed-forward's gate (lora_core/geglu.py)
         _models.clear()  # keep one base in memory
         _models[key] = model
     return _models[key]

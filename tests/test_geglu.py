@@ -1,0 +1,138 @@
+"""The fused GEGLU kernels (lora_core/geglu.py) against diffusers' split, GELU and multiply: values and the
+projection output's gradient. On the CPU the kernels run in Triton's interpreter (in a subprocess: the
+interpreter is chosen when Triton is imported); on a GPU compiled, in bf16, at the UNet's shapes; and the
+UNet's feed-forward layers take them when they apply."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_core import geglu
+from lora_core.models import load_model
+
+CHECK = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    from lora_core import geglu
+    torch.manual_seed(0)
+    worst, worst_half = 0.0, 0.0
+    # rows and channels that leave partly masked tiles (8 x 128), one larger than a tile in both
+    for shape in [(2, 5, 2 * 7), (3, 2 * 130), (1, 9, 11, 2 * 129), (20, 2 * 256)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            h = (torch.randn(shape) * 2).to(dtype).requires_grad_()
+            y = geglu._GEGLU.apply(h)
+            assert y.shape == (*shape[:-1], shape[-1] // 2) and y.dtype == dtype
+            g = torch.randn(y.shape).to(dtype)
+            (dh,) = torch.autograd.grad(y, h, g)
+            assert dh.dtype == dtype
+            ref_h = h.detach().double().requires_grad_()
+            a, gate = ref_h.chunk(2, dim=-1)
+            ref = a * F.gelu(gate)
+            (ref_dh,) = torch.autograd.grad(ref, ref_h, g.double())
+            for got, want in ((y, ref), (dh, ref_dh)):
+                err = ((got.double() - want).abs().max() / want.abs().max()).item()
+                if dtype == torch.float32:
+                    worst = max(worst, err)
+                else:
+                    worst_half = max(worst_half, err)
+    print("worst", worst, worst_half)
+""")
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
+def test_kernels_match_geglu_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    worst, worst_half = map(float, out.stdout.split("worst")[-1].split())
+    assert worst < 1e-5 and worst_half < 2e-2, out.stdout  # fp32 against float64; bf16 rounding
+
+
+def test_only_contiguous_half_cuda_tensors_apply():
+    h = torch.randn(2, 4, 16, dtype=torch.bfloat16)
+    assert not geglu.applies(h)  # a CPU tensor: diffusers' GEGLU
+    assert not geglu.applies(h.float())
+
+
+def test_the_swap_keeps_the_outputs_the_state_dict_and_pickling():
+    unet = load_model("tiny:sd1", device=torch.device("cpu")).unet
+    x = torch.randn(1, 4, 16, 16)
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim)
+    t = torch.tensor([10])
+    keys = list(unet.state_dict())
+    with torch.no_grad():
+        before = unet(x, t, emb).sample
+        assert geglu.use_fused_geglu(unet) > 0
+        after = unet(x, t, emb).sample  # on the CPU the fused layer takes diffusers' path
+    assert torch.equal(before, after)
+    assert list(unet.state_dict()) == keys
+    assert geglu.use_fused_geglu(unet) == 0  # already swapped
+    buf = io.BytesIO()
+    torch.save(unet, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert any(type(m) is geglu.FusedGEGLU for m in again.modules())
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_switch_decides_whether_the_unet_takes_the_kernels(on):
+    from lora_core.config import resolve
+    from lora_core.fast_step import fast_unet
+
+    model = load_model("tiny:sd1", device=torch.device("cpu"))
+    model.unet.to(torch.bfloat16)
+    cfg = resolve(overrides=["model.base=tiny:sd1", f"performance.fused_geglu={str(on).lower()}"], check=False)
+    fast_unet(cfg, model, torch.device("cpu"), steps=10, graphs=False)
+    layers = [m for m in model.unet.modules() if isinstance(m, geglu.GEGLU)]
+    assert layers
+    assert all((type(m) is geglu.FusedGEGLU) == on for m in layers)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("shape", [(1, 4096, 2 * 1280), (16, 1024, 2 * 2560), (2, 64, 2 * 5120), (3, 77, 2 * 40)])
+def test_kernels_match_geglu_on_the_gpu_in_bf16(shape):
+    h = torch.randn(shape, device="cuda").to(torch.bfloat16).requires_grad_()
+    assert geglu.applies(h)
+    y = geglu.geglu(h)
+    g = torch.randn(y.shape, device="cuda").to(torch.bfloat16)
+    (dh,) = torch.autograd.grad(y, h, g)
+    ref_h = h.detach().float().requires_grad_()
+    a, gate = ref_h.chunk(2, dim=-1)
+    ref = a * F.gelu(gate)
+    (ref_dh,) = torch.autograd.grad(ref, ref_h, g.float())
+    for name, got, want in (("y", y, ref), ("dh", dh, ref_dh)):
+        err = ((got.float() - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-2, f"{name}: relative error {err:.3g}"  # bf16 output rounding, fp32 reference
+
+
+@pytest.mark.gpu
+@gpu
+def test_unet_feed_forwards_take_the_kernels():
+    model = load_model("tiny:sd1", device=torch.device("cuda"))
+    unet = model.unet.to(dtype=torch.bfloat16)
+    x = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=torch.bfloat16)
+    t = torch.tensor([10, 500], device="cuda")
+    with torch.no_grad():
+        plain = unet(x, t, emb).sample.float()
+        geglu.use_fused_geglu(unet)
+        calls = []
+        real = geglu._GEGLU.apply
+        geglu._GEGLU.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            fast = unet(x, t, emb).sample.float()
+        finally:
+            geglu._GEGLU.apply = real
+    assert calls, "no feed-forward took the fused kernels"
+    assert ((fast - plain).abs().max() / plain.abs().max()).item() < 3e-2
