@@ -14,13 +14,15 @@
 #                                          channels-last now win at SD1.5 batch 16? (defaults: contiguous)
 #   bench/experiment.sh clauto OUT.jsonl   channels-last by default wherever GroupNorm keeps the layout: SD1.5
 #                                          batch 16 and SDXL batch 4 against channels_last=off, SD1.5 batch 1
+#   bench/experiment.sh geglu OUT.jsonl    the fused GEGLU kernels (performance.fused_geglu) against diffusers'
+#                                          GEGLU: SD1.5 batch 16 and 1, and a lone preview, runs interleaved
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -56,10 +58,19 @@ case $which in
     row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
     row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10 --set performance.channels_last=off
     row bench/reference.py --model full:sdxl --batch 4 --warmup 5 --steps 10 ;;
+  geglu)
+    row bench/ours.py --batch 16
+    row bench/ours.py --batch 16 --set performance.fused_geglu=false
+    row bench/ours.py --batch 1
+    row bench/ours.py --batch 1 --set performance.fused_geglu=false
+    row bench/preview_lone.py --grouped --nhwc-norms --geglu --rows unmerged_channels_last
+    row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
+    row bench/ours.py --batch 16
+    row bench/ours.py --batch 16 --set performance.fused_geglu=false ;;
   preview)
     for _ in 1 2; do
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last --no-copy
     done ;;
-  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto or preview)" >&2; exit 2 ;;
+  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu or preview)" >&2; exit 2 ;;
 esac
