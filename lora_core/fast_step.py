@@ -111,12 +111,13 @@ class GraphedStep:
 
 
 # `compile = auto` compiles when the time it saves exceeds the compile (132-153 s for SD1.5 on a fresh H200,
-# 173 s on an H100). Measured (bench/RESULTS.md): against a graphed step it saves 1.4 ms per sample at
-# SD1.5 batch 16, and at batch 1 about 1.4 ms too since the graphed step's GroupNorms keep channels-last
-# (16.2-16.4 ms against 14.9 ms; 4.8 ms before), so it pays after ~100k samples at either size; against an eager step (graphs
-# blocked) it saved 83 ms per batch-16 step on the H100, so it pays after ~2000 batches. Gradient
-# checkpointing under the compiler is not measured (speed or memory), so `auto` leaves those runs eager.
-COMPILE_MIN_SAMPLES_GRAPHED = 100_000
+# 173 s on an H100). Measured (bench/RESULTS.md): the graphed step with channels-last GroupNorm and the fused
+# GEGLU takes 15.4 ms at SD1.5 batch 1 and 101.5 ms at batch 16, the compiled one 14.9 and 98.95 ms, so
+# compiling saves about 0.5 ms per sample at batch 1 (pays after ~300k samples) and 0.16 ms at batch 16
+# (~950k); against an eager step (graphs blocked) it saved 83 ms per batch-16 step on the H100, so it pays
+# after ~2000 batches. Gradient checkpointing under the compiler is not measured (speed or memory), so
+# `auto` leaves those runs eager.
+COMPILE_MIN_SAMPLES_GRAPHED = 300_000
 COMPILE_MIN_BATCHES_EAGER = 2000
 
 
