@@ -114,10 +114,11 @@ class GraphedStep:
 # 173 s on an H100). Measured (bench/RESULTS.md): the graphed step with channels-last GroupNorm and the fused
 # GEGLU takes 15.4 ms at SD1.5 batch 1 and 101.5 ms at batch 16, the compiled one 14.9 and 98.95 ms, so
 # compiling saves about 0.5 ms per sample at batch 1 (pays after ~300k samples) and 0.16 ms at batch 16
-# (~950k); against an eager step (graphs blocked) it saved 83 ms per batch-16 step on the H100, so it pays
+# (~950k; batches 2-8 are not measured and take the larger threshold); against an eager step (graphs blocked) it saved 83 ms per batch-16 step on the H100, so it pays
 # after ~2000 batches. Gradient checkpointing under the compiler is not measured (speed or memory), so
 # `auto` leaves those runs eager.
-COMPILE_MIN_SAMPLES_GRAPHED = 300_000
+COMPILE_MIN_SAMPLES_GRAPHED_B1 = 300_000
+COMPILE_MIN_SAMPLES_GRAPHED = 1_000_000  # batch 2 and larger
 COMPILE_MIN_BATCHES_EAGER = 2000
 
 
@@ -131,7 +132,8 @@ def compiles(cfg: TrainConfig, device: torch.device, steps: int, graphs: bool) -
         return False
     batches = steps * cfg.optim.grad_accum
     if graphs:
-        return batches * cfg.schedule.batch_size >= COMPILE_MIN_SAMPLES_GRAPHED
+        batch = cfg.schedule.batch_size
+        return batches * batch >= (COMPILE_MIN_SAMPLES_GRAPHED_B1 if batch == 1 else COMPILE_MIN_SAMPLES_GRAPHED)
     return batches >= COMPILE_MIN_BATCHES_EAGER
 
 
@@ -141,7 +143,8 @@ def compiles(cfg: TrainConfig, device: torch.device, steps: int, graphs: bool) -
 CHANNELS_LAST_MAX_LATENT = 4 * 64 * 64
 
 
-def wants_channels_last(cfg: TrainConfig, unet_dtype: torch.dtype, graphs: bool, compiled: bool) -> bool:
+def wants_channels_last(cfg: TrainConfig, unet_dtype: torch.dtype, device: torch.device, graphs: bool,
+                        compiled: bool) -> bool:
     """`performance.channels_last`: `auto` = for graphed steps, at any batch where GroupNorm keeps the layout
     (`nhwc_norms` on a half-precision base, not compiled), else for small batches only.
 
@@ -155,7 +158,7 @@ def wants_channels_last(cfg: TrainConfig, unet_dtype: torch.dtype, graphs: bool,
     if not graphs:
         return False
     keeps_layout = (perf.half_norms and perf.nhwc_norms and unet_dtype in HALF and not compiled
-                    and nhwc_norm.available())
+                    and nhwc_norm.runs_on(device))
     return keeps_layout or cfg.schedule.batch_size * (cfg.data.resolution // 8) ** 2 <= CHANNELS_LAST_MAX_LATENT
 
 
@@ -197,7 +200,7 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
     """
     perf = cfg.performance
     compiled = compiles(cfg, device, steps, graphs)
-    if wants_channels_last(cfg, model.unet.dtype, graphs, compiled):
+    if wants_channels_last(cfg, model.unet.dtype, device, graphs, compiled):
         model.unet.to(memory_format=torch.channels_last)
     if perf.half_norms and model.unet.dtype in HALF:  # a half-precision base means mixed precision is on
         log.info("normalisations run in the compute dtype: %d layers%s",

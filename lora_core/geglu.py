@@ -6,8 +6,9 @@ forward, and backward the multiply's two products, GELU's backward and a concate
 halves' gradients. In a graphed SD1.5 batch-16 step that work took about 11 ms of 108 (bench/RESULTS.md).
 Here the forward reads the projection's output once and writes the product; the backward reads it and the
 incoming gradient once and writes both halves' gradients in place, recomputing GELU (exact, erf-based, as
-`F.gelu`) in fp32. Only the projection's output is saved for the backward, where autograd kept the gate's
-GELU and the value half as well.
+`F.gelu`) in fp32. Only the projection's output is saved for the backward, where autograd also kept the
+gate's GELU (1.4 GiB less at SD1.5 batch 16). The backward is not itself differentiable (no double
+backward), as nothing in training needs one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from .nhwc_norm import on_device
 
 try:
     import triton
@@ -45,11 +48,16 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
 
 
+def fits(h: torch.Tensor) -> bool:
+    """Whether the kernels can read `h`: a non-empty contiguous half-precision tensor, last dimension even."""
+    return h.dtype in HALF and h.numel() > 0 and h.shape[-1] % 2 == 0 and h.is_contiguous()
+
+
 def applies(h: torch.Tensor) -> bool:
-    """Whether `geglu` takes this projection output: a non-empty contiguous half-precision CUDA tensor with
-    an even last dimension, outside torch.compile (which fuses the element-wise work itself)."""
-    return (available() and h.is_cuda and h.dtype in HALF and h.numel() > 0 and h.shape[-1] % 2 == 0
-            and h.is_contiguous() and not torch.compiler.is_compiling() and _capable(h.device.index or 0))
+    """Whether `geglu` takes this projection output: one that `fits`, on a GPU Triton supports, outside
+    torch.compile (which fuses the element-wise work itself)."""
+    return (available() and h.is_cuda and fits(h) and not torch.compiler.is_compiling()
+            and _capable(h.device.index or 0))
 
 
 if triton is not None:
@@ -62,6 +70,7 @@ if triton is not None:
 
     @triton.jit
     def _forward(H, Y, rows, d, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # H [rows, 2d] contiguous (value half, then gate half), Y [rows, d] contiguous
         r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (r < rows)[:, None] & (c < d)[None, :]
@@ -73,6 +82,7 @@ if triton is not None:
 
     @triton.jit
     def _backward(H, DY, DH, rows, d, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # H, DH [rows, 2d] and DY [rows, d], all contiguous
         r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (r < rows)[:, None] & (c < d)[None, :]
@@ -95,7 +105,8 @@ class _GEGLU(torch.autograd.Function):
         d = h.shape[-1] // 2
         rows = h.numel() // (2 * d)
         y = torch.empty(*h.shape[:-1], d, device=h.device, dtype=h.dtype)
-        _forward[_grid(rows, d)](h, y, rows, d, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        with on_device(h):  # Triton launches on the current device
+            _forward[_grid(rows, d)](h, y, rows, d, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
         ctx.save_for_backward(h)
         return y
 
@@ -106,7 +117,8 @@ class _GEGLU(torch.autograd.Function):
         d = h.shape[-1] // 2
         rows = h.numel() // (2 * d)
         dh = torch.empty_like(h)
-        _backward[_grid(rows, d)](h, dy.contiguous(), dh, rows, d, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        with on_device(h):
+            _backward[_grid(rows, d)](h, dy.contiguous(), dh, rows, d, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
         return dh
 
 
@@ -114,7 +126,10 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     """`a * gelu(g)` for `a, g = h.chunk(2, -1)`, for a tensor `applies` accepts."""
     if _state["worked"]:
         return _GEGLU.apply(h)
-    try:  # the first call builds the kernels: a machine without what Triton needs falls back for good
+    try:  # the first call builds both kernels: a machine without what Triton needs falls back for good
+        with torch.enable_grad():  # sampling runs without gradients; the probe needs them
+            probe = torch.zeros(1, 2, device=h.device, dtype=h.dtype, requires_grad=True)
+            torch.autograd.grad(_GEGLU.apply(probe).sum(), probe)
         y = _GEGLU.apply(h)
     except torch.cuda.OutOfMemoryError:
         raise

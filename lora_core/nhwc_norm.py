@@ -46,6 +46,18 @@ def available() -> bool:
     return triton is not None and not _state["failed"]
 
 
+def on_device(t: torch.Tensor) -> torch.cuda.device:
+    """Make `t`'s GPU the current one while kernels launch (Triton launches on the current device); a
+    no-op for CPU tensors (Triton's interpreter)."""
+    return torch.cuda.device(t.device.index if t.is_cuda else -1)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels can run on `device`: Triton present and working, a GPU it supports."""
+    return available() and device.type == "cuda" and _capable(
+        device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
 def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
@@ -331,9 +343,11 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
     if _state["worked"]:
-        return _GroupNormNHWC.apply(x, groups, weight, bias, eps)
+        with on_device(x):  # Triton launches on the current device (autograd's backward
+            return _GroupNormNHWC.apply(x, groups, weight, bias, eps)  # thread sets the tensor's)
     try:  # the first call builds the kernels: a machine without what Triton needs falls back for good
-        y = _GroupNormNHWC.apply(x, groups, weight, bias, eps)
+        with on_device(x):
+            y = _GroupNormNHWC.apply(x, groups, weight, bias, eps)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:
