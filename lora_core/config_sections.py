@@ -194,8 +194,9 @@ class PerformanceConfig:
                                       "memory, about 20-30% slower.")
     compile: str = _f("auto", "torch.compile the UNet's training step: the first steps take a few minutes, "
                       "every later step is faster. `auto` = on a GPU when the run is long enough to win the "
-                      "compile time back: 300,000 samples at batch 1 and 1,000,000 at larger batches when the step is a CUDA graph, else 2000 batches "
-                      "(steps x grad_accum); never with gradient checkpointing.",
+                      "compile time back: 300,000 samples at batch 1 and 1,000,000 at larger batches when the "
+                      "step is a CUDA graph, else 2000 batches (steps x grad_accum); never with gradient "
+                      "checkpointing.",
                       choices=AUTO_OFF_ON)
     compile_scope: str = _f("unet", "What `compile` compiles: `unet` = the whole UNet as one graph; `blocks` = "
                             "each transformer and ResNet block on its own, blocks of one shape sharing their "

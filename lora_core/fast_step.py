@@ -114,9 +114,9 @@ class GraphedStep:
 # 173 s on an H100). Measured (bench/RESULTS.md): the graphed step with channels-last GroupNorm and the fused
 # GEGLU takes 15.4 ms at SD1.5 batch 1 and 101.5 ms at batch 16, the compiled one 14.9 and 98.95 ms, so
 # compiling saves about 0.5 ms per sample at batch 1 (pays after ~300k samples) and 0.16 ms at batch 16
-# (~950k; batches 2-8 are not measured and take the larger threshold); against an eager step (graphs blocked) it saved 83 ms per batch-16 step on the H100, so it pays
-# after ~2000 batches. Gradient checkpointing under the compiler is not measured (speed or memory), so
-# `auto` leaves those runs eager.
+# (~950k; batches 2-8 are not measured and take the larger threshold). Against an eager step (graphs
+# blocked) it saved 83 ms per batch-16 step on the H100, so it pays after ~2000 batches. Gradient
+# checkpointing under the compiler is not measured (speed or memory), so `auto` leaves those runs eager.
 COMPILE_MIN_SAMPLES_GRAPHED_B1 = 300_000
 COMPILE_MIN_SAMPLES_GRAPHED = 1_000_000  # batch 2 and larger
 COMPILE_MIN_BATCHES_EAGER = 2000
