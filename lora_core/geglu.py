@@ -13,7 +13,6 @@ backward), as nothing in training needs one.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -22,7 +21,7 @@ from diffusers.models.activations import GEGLU
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .nhwc_norm import on_device
+from .nhwc_norm import HALF, on_device, supports
 
 try:
     import triton
@@ -32,20 +31,13 @@ except ImportError:  # CPU installs: diffusers' GEGLU runs
 
 log = logging.getLogger(__name__)
 
-HALF = (torch.bfloat16, torch.float16)
 BLOCK_R, BLOCK_C = 8, 128  # a program's tile: rows (tokens) by columns (channels of one half)
-MIN_CAPABILITY = (7, 0)  # Triton's oldest GPUs
 
 _state = {"failed": False, "worked": False}  # the kernels failed to build on this machine / ran at least once
 
 
 def available() -> bool:
     return triton is not None and not _state["failed"]
-
-
-@functools.cache
-def _capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
 
 
 def fits(h: torch.Tensor) -> bool:
@@ -57,7 +49,7 @@ def applies(h: torch.Tensor) -> bool:
     """Whether `geglu` takes this projection output: one that `fits`, on a GPU Triton supports, outside
     torch.compile (which fuses the element-wise work itself)."""
     return (available() and h.is_cuda and fits(h) and not torch.compiler.is_compiling()
-            and _capable(h.device.index or 0))
+            and supports(h.device.index or 0))
 
 
 if triton is not None:

@@ -54,12 +54,13 @@ def on_device(t: torch.Tensor) -> torch.cuda.device:
 
 def runs_on(device: torch.device) -> bool:
     """Whether the kernels can run on `device`: Triton present and working, a GPU it supports."""
-    return available() and device.type == "cuda" and _capable(
+    return available() and device.type == "cuda" and supports(
         device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache
-def _capable(index: int) -> bool:
+def supports(index: int) -> bool:
+    """Whether Triton supports GPU `index`."""
     return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
 
 
@@ -72,7 +73,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor | None, any_layout: bool = Fal
     layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() or (
         any_layout and x.is_contiguous())
     return (layout and _mergeable(x) and (weight is None or weight.dtype == x.dtype)
-            and not torch.compiler.is_compiling() and _capable(x.device.index or 0))
+            and not torch.compiler.is_compiling() and supports(x.device.index or 0))
 
 
 def _plan(n: int, groups: int, rows: int, cg: int) -> tuple[int, int, int, int]:

@@ -93,15 +93,9 @@ def test_the_swap_keeps_the_outputs_the_state_dict_and_pickling():
 
 
 @pytest.mark.parametrize("on", [True, False])
-def test_the_switch_decides_whether_the_unet_takes_the_kernels(on):
-    from lora_core.config import resolve
-    from lora_core.fast_step import fast_unet
-
-    model = load_model("tiny:sd1", device=torch.device("cpu"))
-    model.unet.to(torch.bfloat16)
-    cfg = resolve(overrides=["model.base=tiny:sd1", f"performance.fused_geglu={str(on).lower()}"], check=False)
-    fast_unet(cfg, model, torch.device("cpu"), steps=10, graphs=False)
-    layers = [m for m in model.unet.modules() if isinstance(m, geglu.GEGLU)]
+def test_the_switch_decides_whether_the_unet_takes_the_kernels(on, fast_tiny_unet):
+    unet = fast_tiny_unet(f"performance.fused_geglu={str(on).lower()}")
+    layers = [m for m in unet.modules() if isinstance(m, geglu.GEGLU)]
     assert layers
     assert all((type(m) is geglu.FusedGEGLU) == on for m in layers)
 

@@ -172,18 +172,12 @@ def test_unet_norms_take_the_kernels_in_channels_last():
 
 
 @pytest.mark.parametrize("on", [True, False])
-def test_the_switch_decides_whether_the_unet_takes_the_kernels(on):
-    from lora_core.config import resolve
-    from lora_core.fast_step import fast_unet
+def test_the_switch_decides_whether_the_unet_takes_the_kernels(on, fast_tiny_unet):
     from lora_core.half_norms import HalfGroupNorm
-    from lora_core.models import load_model
 
-    model = load_model("tiny:sd1", device=torch.device("cpu"))
-    model.unet.to(torch.bfloat16)
-    cfg = resolve(overrides=["model.base=tiny:sd1", f"performance.nhwc_norms={str(on).lower()}"], check=False)
-    fast_unet(cfg, model, torch.device("cpu"), steps=10, graphs=False)
-    norms = [m for m in model.unet.modules() if isinstance(m, HalfGroupNorm)]
-    blocks = [m for m in model.unet.modules() if isinstance(m, nhwc_norm.Transformer2DModel)]
+    unet = fast_tiny_unet(f"performance.nhwc_norms={str(on).lower()}")
+    norms = [m for m in unet.modules() if isinstance(m, HalfGroupNorm)]
+    blocks = [m for m in unet.modules() if isinstance(m, nhwc_norm.Transformer2DModel)]
     assert norms and blocks
     assert all(m.nhwc == on for m in norms)
     assert all((type(m) is nhwc_norm.ChannelsLastTransformer2DModel) == on for m in blocks)
