@@ -16,13 +16,15 @@
 #                                          batch 16 and SDXL batch 4 against channels_last=off, SD1.5 batch 1
 #   bench/experiment.sh geglu OUT.jsonl    the fused GEGLU kernels (performance.fused_geglu) against diffusers'
 #                                          GEGLU: SD1.5 batch 16 and 1, and a lone preview, runs interleaved
+#   bench/experiment.sh lean OUT.jsonl     the lean ResNet blocks (performance.lean_resnets) against diffusers' block:
+#                                          SD1.5 batch 16 and 1 interleaved, with the batch-1 reference
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -67,10 +69,18 @@ case $which in
     row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
     row bench/ours.py --batch 16
     row bench/ours.py --batch 16 --set performance.fused_geglu=false ;;
+  lean)
+    row bench/ours.py --batch 16
+    row bench/ours.py --batch 16 --set performance.lean_resnets=false
+    row bench/reference.py --model full:sd15 --batch 1
+    row bench/ours.py --batch 1
+    row bench/ours.py --batch 1 --set performance.lean_resnets=false
+    row bench/ours.py --batch 16
+    row bench/ours.py --batch 16 --set performance.lean_resnets=false ;;
   preview)
     for _ in 1 2; do
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last --no-copy
     done ;;
-  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu or preview)" >&2; exit 2 ;;
+  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean or preview)" >&2; exit 2 ;;
 esac

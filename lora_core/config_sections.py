@@ -230,6 +230,10 @@ class PerformanceConfig:
                            "kernel each way on bf16/fp16 activations, instead of diffusers' split, GELU and "
                            "multiply (and a concatenation in the backward pass); it saves only the "
                            "projection's output. Previews use it too. Off = diffusers' GEGLU.")
+    lean_resnets: bool = _f(True, "Run the UNet's ResNet blocks without diffusers' copy of the shortcut's "
+                            "input to NCHW in training, its divide by an output scale of 1 and the convolutions' "
+                            "separate bias passes (the biases join the time embedding and the shortcut): the "
+                            "same maths in fewer passes. Previews use it too. Off = diffusers' block.")
     fused_lora: bool = _f(True, "Train each adapted linear layer through one hand-written forward and "
                           "backward (fewer, cheaper GPU kernels; the same maths). Off = the plain "
                           "three-layer path.")

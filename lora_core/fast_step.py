@@ -26,6 +26,7 @@ from . import nhwc_norm
 from .fused_projections import fuse_projections
 from .geglu import use_fused_geglu
 from .half_norms import HALF, use_half_norms
+from .lean_resnet import use_lean_resnets
 from .lora import LoRAModule
 
 if TYPE_CHECKING:
@@ -210,6 +211,9 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
             nhwc_norm.keep_channels_last(model.unet)
     if perf.fused_geglu and model.unet.dtype in HALF:  # CPU tensors take diffusers' path in the layer
         log.info("feed-forward GEGLU fused into one kernel each way: %d layers", use_fused_geglu(model.unet))
+    if perf.lean_resnets:
+        log.info("ResNet blocks run without layout copies, divides by 1 or separate bias passes: %d blocks",
+                 use_lean_resnets(model.unet))
     # the grouped adapters' weight gradients come out of plain autograd in the compute dtype: kept off for an
     # fp16 base (no loss scaling here), where the fused kernel's fp32 gradients matter
     if perf.fused_projections and model.unet.dtype != torch.float16:
@@ -239,7 +243,7 @@ def plain_adapters(unet: torch.nn.Module) -> None:
         log.info("compiled UNet: its %d adapters take the plain path (the compiler fuses it)", len(fused))
 
 
-BLOCKS = ("Transformer2DModel", "ChannelsLastTransformer2DModel", "ResnetBlock2D")  # most of an SD UNet's kernels
+BLOCKS = ("Transformer2DModel", "ChannelsLastTransformer2DModel", "ResnetBlock2D", "LeanResnetBlock2D")  # most of an SD UNet's kernels
 BLOCK_RECOMPILE_LIMIT = 64  # compiled variants per block class: one per input shape (SDXL has about 20)
 
 

@@ -23,6 +23,7 @@ from .geglu import use_fused_geglu
 from .graphed_unet import graphed
 from .half_norms import use_half_norms
 from .inject import remove, set_multiplier, set_per_image
+from .lean_resnet import use_lean_resnets
 from .lora import LoRAModule
 from .models import LoadedModel, load_model
 from .nhwc_norm import keep_channels_last, use_nhwc_norms
@@ -53,6 +54,7 @@ def cached_model(base: str, device: str = "auto") -> LoadedModel:
             use_half_norms(model.unet, nhwc=True)  # and GroupNorms that keep it (lora_core/nhwc_norm.py)
             keep_channels_last(model.unet)
             use_fused_geglu(model.unet)  # one kernel for the feed-forward's gate (lora_core/geglu.py)
+            use_lean_resnets(model.unet)  # fewer passes per ResNet block (lora_core/lean_resnet.py)
         _models.clear()  # keep one base in memory
         _models[key] = model
     return _models[key]

@@ -1,0 +1,112 @@
+"""The lean ResNet blocks (lora_core/lean_resnet.py) against diffusers' ResnetBlock2D: the same outputs and
+gradients (parameters' too), channels-last kept without a layout copy, adapters on the convolutions
+honoured, and blocks the lean forward does not cover left as they are."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from lora_core.inject import inject
+from lora_core.lean_resnet import LeanResnetBlock2D, use_lean_resnets
+from lora_core.models import load_model
+
+CL = torch.channels_last
+
+
+class Copies(TorchFunctionMode):
+    """Counts `.contiguous()` calls that made a copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.contiguous and out.data_ptr() != args[0].data_ptr():
+            self.n += 1
+        return out
+
+
+def _pair(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(diffusers' block, a deep copy made lean), in training mode."""
+    lean = copy.deepcopy(block)
+    assert use_lean_resnets(lean) == sum(isinstance(m, ResnetBlock2D) for m in lean.modules())
+    return block.train(), lean.train()
+
+
+def _run(block: nn.Module, x: torch.Tensor, temb: torch.Tensor, grad: torch.Tensor):
+    x = x.detach().clone().requires_grad_()
+    block.zero_grad(set_to_none=True)
+    out = block(x, temb)
+    out.backward(grad)
+    return out, x.grad, {n: p.grad for n, p in block.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("out_channels", "scale"), [(32, 1.0), (64, 1.0), (64, 2.0)])
+def test_lean_block_computes_what_diffusers_block_does(out_channels, scale):
+    torch.manual_seed(0)
+    ref, lean = _pair(ResnetBlock2D(in_channels=32, out_channels=out_channels, temb_channels=16, groups=8,
+                                    output_scale_factor=scale))
+    assert type(lean) is LeanResnetBlock2D and (lean.conv_shortcut is not None) == (out_channels != 32)
+    x = torch.randn(2, 32, 8, 8).to(memory_format=CL)
+    temb, grad = torch.randn(2, 16), torch.randn(2, out_channels, 8, 8)
+    want, want_dx, want_dp = _run(ref, x, temb, grad)
+    with Copies() as copies:
+        got, got_dx, got_dp = _run(lean, x, temb, grad)
+    assert copies.n == 0
+    assert got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_dx, want_dx, rtol=1e-5, atol=1e-5)
+    assert got_dp.keys() == want_dp.keys()
+    for name in want_dp:  # the biases that moved get the gradient they had where they were
+        torch.testing.assert_close(got_dp[name], want_dp[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_copy_counter_sees_a_layout_copy():
+    x = torch.randn(1, 4, 3, 3).to(memory_format=CL)
+    with Copies() as copies:
+        x.contiguous()
+    assert copies.n == 1
+
+
+def test_unet_with_lean_blocks_and_conv_adapters_matches_diffusers():
+    """tiny:sd1's UNet, adapters on its ResNet convolutions (given non-zero up weights): the lean blocks take
+    the adapter's path for those convolutions and agree with diffusers' blocks."""
+    torch.manual_seed(0)
+    unet = load_model("tiny:sd1").unet.float()
+    loras = inject(unet, [], "sd1", targets="conv", text_encoder=False)
+    for m in loras.values():
+        nn.init.normal_(m.lora_up.weight, std=0.02)
+    ref, lean = _pair(unet)
+    assert any(type(m.conv1) is not nn.Conv2d for m in lean.modules() if isinstance(m, LeanResnetBlock2D))
+    c = unet.config
+    x = torch.randn(2, c.in_channels, 16, 16).to(memory_format=CL)
+    ctx = torch.randn(2, 7, c.cross_attention_dim)
+    t = torch.tensor([10, 500])
+    want = ref(x, t, ctx).sample
+    got = lean(x, t, ctx).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    want.square().mean().backward()
+    got.square().mean().backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, p in lean.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_blocks_the_lean_forward_does_not_cover_keep_diffusers_forward():
+    resampling = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4, up=True)
+    scale_shift = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4,
+                                time_embedding_norm="scale_shift")
+    plain = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=4, groups=4)
+    model = nn.ModuleList([resampling, scale_shift, plain])
+    keys = list(model.state_dict())
+    assert use_lean_resnets(model) == 1
+    assert [type(m) for m in model] == [ResnetBlock2D, ResnetBlock2D, LeanResnetBlock2D]
+    assert list(model.state_dict()) == keys
