@@ -43,6 +43,14 @@ class HalfGroupNorm(nn.GroupNorm):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
+    def with_silu(self, x: torch.Tensor) -> torch.Tensor:
+        """F.silu(self(x)), in the norm's own kernels where the channels-last ones apply."""
+        if self.nhwc and nhwc_norm.applies(x, self.weight):
+            with torch.autocast(x.device.type, enabled=False):
+                return nhwc_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=True)
+        return F.silu(self(x))
+
+
 class HalfLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _native(x, self.weight):

@@ -6,11 +6,14 @@ bench/RESULTS.md has the measurements):
   activation is copied to NCHW, which cuDNN copies back, and the gradients cross layouts again;
 - it divides the output by `output_scale_factor`, which is 1.0 in every SD UNet: one pass forward and
   one backward for nothing;
-- each convolution adds its bias in a pass of its own after cuDNN's kernel.
+- each convolution adds its bias in a pass of its own after cuDNN's kernel;
+- each SiLU after a GroupNorm is a pass of its own each way.
 
 Here the first convolution's bias joins the time embedding (a [batch, channels] add) before the one add
 the block does anyway, and the second's joins the shortcut convolution's bias where the block has one.
-The results differ from diffusers' only by the rounding of those additions' order.
+Where the GroupNorm runs lora_core/nhwc_norm.py's kernels, they apply the SiLU too (and recompute the norm's
+output in the backward pass rather than keep it). The results differ from diffusers' only by rounding: the
+order of those additions, and the SiLU taking the norm's fp32 output where diffusers' takes it rounded.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
+
+from .half_norms import HalfGroupNorm
 
 
 def _plain(conv: nn.Module | None) -> bool:
@@ -36,9 +41,9 @@ class LeanResnetBlock2D(ResnetBlock2D):
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
         if args or kwargs:  # diffusers' deprecated `scale` argument: let the parent warn about it
             return super().forward(input_tensor, temb, *args, **kwargs)
-        h = self.nonlinearity(self.norm1(input_tensor))
+        h = self._norm_act(self.norm1, input_tensor)
         h = self._conv1_with_time(h, temb)
-        h = self.nonlinearity(self.norm2(h))
+        h = self._norm_act(self.norm2, h)
         if self.dropout.p > 0:
             h = self.dropout(h)
         shortcut, conv2 = self.conv_shortcut, self.conv2
@@ -48,6 +53,12 @@ class LeanResnetBlock2D(ResnetBlock2D):
         else:
             out = (input_tensor if shortcut is None else shortcut(input_tensor)) + conv2(h)
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+    def _norm_act(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """nonlinearity(norm(x)): one kernel each way for a SiLU after a GroupNorm that has it fused."""
+        if isinstance(norm, HalfGroupNorm) and type(self.nonlinearity) is nn.SiLU:
+            return norm.with_silu(x)
+        return self.nonlinearity(norm(x))
 
     def _conv1_with_time(self, h: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         """conv1(h) + time embedding, conv1's bias added to the embedding rather than to the image."""

@@ -131,7 +131,7 @@ if triton is not None:
 
     @triton.jit
     def _normalise(X, Y, W, B, PART, MEAN, RSTD, total, rows, cg, groups, s_n, s_r, s_c, y_n, y_r, y_c,
-                   per, splits, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   per, splits, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         pid = tl.program_id(0)
         s = tl.program_id(1)
@@ -164,13 +164,34 @@ if triton is not None:
             r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
             mask = (r < r_end)[:, None] & cmask[None, :]
             v = tl.load(src + r[:, None] * s_r, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dst + r[:, None] * y_r, (v * scale[None, :] + shift[None, :]).to(Y.dtype.element_ty),
-                     mask=mask)
+            z = v * scale[None, :] + shift[None, :]
+            if SILU:
+                z = z / (1.0 + tl.exp(-z))
+            tl.store(dst + r[:, None] * y_r, z.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _grad_sums(X, DY, W, MEAN, RSTD, PART, DWB, total, rows, cg, groups, channels,
-                   s_n, s_r, s_c, d_n, d_r, d_c, per, splits,
-                   HAS_W: tl.constexpr, PARAM_GRADS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _silu_grad(dy, xhat, w, b, SILU: tl.constexpr):
+        """The gradient reaching the norm's output: `dy` itself, or through a SiLU of it (recomputed)."""
+        if SILU:
+            z = xhat * w[None, :] + b[None, :]
+            sig = 1.0 / (1.0 + tl.exp(-z))
+            dy = dy * (sig * (1.0 + z * (1.0 - sig)))
+        return dy
+
+    @triton.jit
+    def _params(W, B, ch, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_W:
+            w = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.zeros([BLOCK_C], tl.float32)
+        if HAS_B:
+            b = tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
+        return w, b
+
+    @triton.jit
+    def _grad_sums(X, DY, W, B, MEAN, RSTD, PART, DWB, total, rows, cg, groups, channels,
+                   s_n, s_r, s_c, d_n, d_r, d_c, per, splits, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   SILU: tl.constexpr, PARAM_GRADS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         pid = tl.program_id(0)
         s = tl.program_id(1)
         n = pid // groups
@@ -179,9 +200,7 @@ if triton is not None:
         ch = (pid % groups) * cg + cols
         mean = tl.load(MEAN + pid)
         rstd = tl.load(RSTD + pid)
-        w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_W:
-            w = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+        w, b = _params(W, B, ch, cmask, HAS_W, HAS_B, BLOCK_C)
         xs = X + n.to(tl.int64) * s_n + ch.to(tl.int64)[None, :] * s_c
         ds = DY + n.to(tl.int64) * d_n + ch.to(tl.int64)[None, :] * d_c
         sum_a = tl.zeros([BLOCK_C], tl.float32)  # per channel: sum of dy, and of dy * xhat
@@ -194,6 +213,7 @@ if triton is not None:
             x = tl.load(xs + r[:, None] * s_r, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(ds + r[:, None] * d_r, mask=mask, other=0.0).to(tl.float32)
             xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            dy = _silu_grad(dy, xhat, w, b, SILU)
             sum_a += tl.sum(dy, axis=0)
             sum_b += tl.sum(dy * xhat, axis=0)
         off = pid * splits + s
@@ -205,9 +225,10 @@ if triton is not None:
             tl.store(DWB + row + channels + ch, sum_a, mask=cmask)
 
     @triton.jit
-    def _grad_input(X, DY, DX, W, MEAN, RSTD, PART, total, rows, cg, groups,
-                    s_n, s_r, s_c, d_n, d_r, d_c, o_n, o_r, o_c, per, splits,
-                    HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _grad_input(X, DY, DX, W, B, MEAN, RSTD, PART, total, rows, cg, groups,
+                    s_n, s_r, s_c, d_n, d_r, d_c, o_n, o_r, o_c, per, splits, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_S: tl.constexpr):
         pid = tl.program_id(0)
         s = tl.program_id(1)
         n = pid // groups
@@ -221,9 +242,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_C)
         cmask = cols < cg
         ch = (pid % groups) * cg + cols
-        w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_W:
-            w = tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
+        w, b = _params(W, B, ch, cmask, HAS_W, HAS_B, BLOCK_C)
         xs = X + n.to(tl.int64) * s_n + ch.to(tl.int64)[None, :] * s_c
         ds = DY + n.to(tl.int64) * d_n + ch.to(tl.int64)[None, :] * d_c
         os = DX + n.to(tl.int64) * o_n + ch.to(tl.int64)[None, :] * o_c
@@ -235,13 +254,14 @@ if triton is not None:
             x = tl.load(xs + r[:, None] * s_r, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(ds + r[:, None] * d_r, mask=mask, other=0.0).to(tl.float32)
             xhat = (x - mean) * rstd
+            dy = _silu_grad(dy, xhat, w, b, SILU)
             dx = rstd * (dy * w[None, :] - mean_a - xhat * mean_b)
             tl.store(os + r[:, None] * o_r, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, groups, weight, bias, eps):
+    def forward(ctx, x, groups, weight, bias, eps, silu):
         n, c, h, w = x.shape
         rows, cg = h * w, c // groups
         splits, per, block_r, block_c = _plan(n, groups, rows, cg)
@@ -253,16 +273,16 @@ class _GroupNormNHWC(torch.autograd.Function):
         _stats[grid](x, part, total, rows, cg, groups, *_view(x), per, splits, BLOCK_R=block_r, BLOCK_C=block_c)
         _normalise[grid](x, y, weight if weight is not None else x, bias if bias is not None else x, part,
                          stats[0], stats[1], total, rows, cg, groups, *_view(x), *_view(y), per, splits, eps,
-                         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c,
-                         BLOCK_S=triton.next_power_of_2(splits))
-        ctx.save_for_backward(x, weight, stats)
-        ctx.groups, ctx.has_bias = groups, bias is not None
+                         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_R=block_r,
+                         BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(splits))
+        ctx.save_for_backward(x, weight, bias, stats)
+        ctx.groups, ctx.silu = groups, silu
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, stats = ctx.saved_tensors
+        x, weight, bias, stats = ctx.saved_tensors
         n, c, h, w = x.shape
         if not _mergeable(dy):  # rare: give it a layout whose pixels are one index
             dy = dy.contiguous(memory_format=torch.channels_last)
@@ -274,24 +294,25 @@ class _GroupNormNHWC(torch.autograd.Function):
         part = torch.empty(2 * total, device=x.device, dtype=torch.float32)
         dwb = torch.empty(n * splits, 2, c, device=x.device, dtype=torch.float32) if param_grads else part
         grid = (n * groups, splits)
-        w_arg = weight if weight is not None else x
-        _grad_sums[grid](x, dy, w_arg, stats[0], stats[1], part, dwb, total, rows, cg, groups, c, *_view(x),
-                         *_view(dy), per, splits, HAS_W=weight is not None, PARAM_GRADS=param_grads,
+        w_arg, b_arg = (weight if weight is not None else x), (bias if bias is not None else x)
+        flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=ctx.silu)
+        _grad_sums[grid](x, dy, w_arg, b_arg, stats[0], stats[1], part, dwb, total, rows, cg, groups, c,
+                         *_view(x), *_view(dy), per, splits, **flags, PARAM_GRADS=param_grads,
                          BLOCK_R=block_r, BLOCK_C=block_c)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
-            _grad_input[grid](x, dy, dx, w_arg, stats[0], stats[1], part, total, rows, cg, groups, *_view(x),
-                              *_view(dy), *_view(dx), per, splits, HAS_W=weight is not None, BLOCK_R=block_r,
+            _grad_input[grid](x, dy, dx, w_arg, b_arg, stats[0], stats[1], part, total, rows, cg, groups,
+                              *_view(x), *_view(dy), *_view(dx), per, splits, **flags, BLOCK_R=block_r,
                               BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(splits))
         dweight = dbias = None
         if param_grads:
             sums = dwb.sum(0)
             if weight is not None and ctx.needs_input_grad[2]:
                 dweight = sums[0].to(weight.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[3]:
+            if bias is not None and ctx.needs_input_grad[3]:
                 dbias = sums[1].to(x.dtype)
-        return dx, None, dweight, dbias, None
+        return dx, None, dweight, dbias, None, None
 
 
 class NHWCGroupNorm(nn.GroupNorm):
@@ -312,21 +333,45 @@ def use_nhwc_norms(model: nn.Module) -> int:
     return len(norms)
 
 
+def _pointwise(conv: nn.Module) -> bool:
+    """A plain 1x1 convolution, which on a channels-last image is a linear layer over its pixels."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+def _as_linear(conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+
 class ChannelsLastTransformer2DModel(Transformer2DModel):
-    """diffusers' Transformer2DModel without its output's `.contiguous()` when the residual is
-    channels-last: the [B, HW, C] tokens are already a channels-last image, which the projection and the
-    residual add take as they are (the copy to NCHW left a mixed-layout add and a conversion in both
-    passes). Everything else, the state dict included, is the parent's."""
+    """diffusers' Transformer2DModel kept in channels-last. Where the input is channels-last:
+    - its output's `.contiguous()` is left out: the [B, HW, C] tokens are already a channels-last image,
+      which the projection and the residual add take as they are (the copy to NCHW left a mixed-layout
+      add and a conversion in both passes);
+    - 1x1 convolution projections (SD1's proj_in and proj_out) run as linear layers on the pixels, which
+      add their bias inside the matrix product where cuDNN's convolution adds it in a pass of its own.
+    Everything else, the state dict included, is the parent's."""
+
+    def _operate_on_continuous_inputs(self, hidden_states):
+        if (self.use_linear_projection or not _pointwise(self.proj_in) or torch.compiler.is_compiling()
+                or not hidden_states.is_contiguous(memory_format=torch.channels_last)):
+            return super()._operate_on_continuous_inputs(hidden_states)
+        batch, channels, height, width = hidden_states.shape
+        tokens = self.norm(hidden_states).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+        return _as_linear(self.proj_in, tokens), self.proj_in.out_channels
 
     def _get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width, inner_dim):
         if torch.compiler.is_compiling() or not residual.is_contiguous(memory_format=torch.channels_last):
             return super()._get_output_for_continuous_inputs(hidden_states, residual, batch_size, height, width,
                                                              inner_dim)
         image = (batch_size, height, width, inner_dim)
-        if not self.use_linear_projection:
-            hidden_states = self.proj_out(hidden_states.reshape(image).permute(0, 3, 1, 2))
-        else:
+        if self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states).reshape(image).permute(0, 3, 1, 2)
+        elif _pointwise(self.proj_out):
+            hidden_states = _as_linear(self.proj_out, hidden_states).reshape(
+                batch_size, height, width, -1).permute(0, 3, 1, 2)
+        else:
+            hidden_states = self.proj_out(hidden_states.reshape(image).permute(0, 3, 1, 2))
         return hidden_states + residual
 
 
@@ -339,21 +384,23 @@ def keep_channels_last(unet: nn.Module) -> int:
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               eps: float) -> torch.Tensor:
-    """F.group_norm for a tensor `applies` accepts, in its own layout."""
+               eps: float, silu: bool = False) -> torch.Tensor:
+    """F.group_norm for a tensor `applies` accepts, in its own layout; with `silu`, F.silu of it in the same
+    kernels (the backward recomputes the norm's output instead of keeping it)."""
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
     if _state["worked"]:
         with on_device(x):  # Triton launches on the current device (autograd's backward
-            return _GroupNormNHWC.apply(x, groups, weight, bias, eps)  # thread sets the tensor's)
+            return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)  # thread sets the tensor's)
     try:  # the first call builds the kernels: a machine without what Triton needs falls back for good
         with on_device(x):
-            y = _GroupNormNHWC.apply(x, groups, weight, bias, eps)
+            y = _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:
         _state["failed"] = True
         log.warning("the channels-last GroupNorm kernels do not run here, PyTorch's GroupNorm runs instead: %s", e)
-        return F.group_norm(x, groups, weight, bias, eps)
+        y = F.group_norm(x, groups, weight, bias, eps)
+        return F.silu(y) if silu else y
     _state["worked"] = True
     return y

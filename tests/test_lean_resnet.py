@@ -110,3 +110,32 @@ def test_blocks_the_lean_forward_does_not_cover_keep_diffusers_forward():
     assert use_lean_resnets(model) == 1
     assert [type(m) for m in model] == [ResnetBlock2D, ResnetBlock2D, LeanResnetBlock2D]
     assert list(model.state_dict()) == keys
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("out_channels", [320, 640])
+def test_lean_block_on_the_gpu_fuses_each_silu_into_its_groupnorm(out_channels, monkeypatch):
+    """bf16, channels-last, the GroupNorm kernels: both norms take the fused SiLU, and the block agrees with
+    diffusers' (fp32 on the GPU) to bf16 rounding, forward and backward."""
+    from lora_core import nhwc_norm
+    from lora_core.half_norms import use_half_norms
+
+    torch.manual_seed(0)
+    ref = ResnetBlock2D(in_channels=320, out_channels=out_channels, temb_channels=1280, groups=32).cuda()
+    ref.requires_grad_(False)
+    fast = copy.deepcopy(ref).to(torch.bfloat16)
+    use_half_norms(fast, nhwc=True)
+    assert use_lean_resnets(fast) == 1
+    fused = []
+    real = nhwc_norm.group_norm
+    monkeypatch.setattr(nhwc_norm, "group_norm", lambda *a, **k: fused.append(k.get("silu")) or real(*a, **k))
+    x = torch.randn(2, 320, 32, 32, device="cuda").to(memory_format=CL)
+    temb, grad = torch.randn(2, 1280, device="cuda"), torch.randn(2, out_channels, 32, 32, device="cuda")
+    want, want_dx, _ = _run(ref.train(), x, temb, grad)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, got_dx, _ = _run(fast.train(), x.bfloat16(), temb, grad.bfloat16())
+    assert fused == [True, True]
+    assert got.is_contiguous(memory_format=CL)
+    for a, b in ((got, want), (got_dx, want_dx)):
+        assert ((a.float() - b).abs().max() / b.abs().max()).item() < 3e-2

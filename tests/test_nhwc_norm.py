@@ -37,13 +37,13 @@ CHECK = textwrap.dedent("""
              ((1, 40, 9, 9), 4, "nchw", "wb", "hw_swapped"), ((3, 8, 13, 11), 2, "cl", "", "cl"),
              ((1, 6, 30, 31), 3, "cl", "b", "cl"), ((2, 8, 37, 1), 4, "w1", "wb", "cl"),
              ((2, 8, 1, 37), 1, "cl", "w", "cl")]
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, silu in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)):
         for shape, groups, x_kind, params, g_kind in cases:
             x = layout((torch.randn(shape) * 3 + 5).to(dtype), x_kind)  # a mean far from zero
             x.requires_grad_()
             w = (torch.randn(shape[1]) + 1).to(dtype).requires_grad_() if "w" in params else None
             b = torch.randn(shape[1]).to(dtype).requires_grad_() if "b" in params else None
-            y = nhwc_norm.group_norm(x, groups, w, b, 1e-5)
+            y = nhwc_norm.group_norm(x, groups, w, b, 1e-5, silu=silu)
             assert y.stride() == x.stride(), "the output left the input's layout"
             assert y.dtype == dtype
             g = layout(torch.randn(shape).to(dtype), g_kind)
@@ -55,6 +55,7 @@ CHECK = textwrap.dedent("""
             rw = ref_in[1] if w is not None else torch.ones(shape[1], dtype=torch.double) if b is not None else None
             rb = ref_in[-1] if b is not None else None
             ref = F.group_norm(ref_in[0], groups, rw, rb, eps=1e-5)
+            ref = F.silu(ref) if silu else ref
             want = [ref, *torch.autograd.grad(ref, ref_in, g.double())]
             for a, r in zip(got, want, strict=True):
                 err = ((a.double() - r).abs().max() / r.abs().max().clamp_min(1)).item()
@@ -117,6 +118,39 @@ def test_transformer_blocks_hand_back_channels_last_images_without_a_copy():
     assert seen[1].is_contiguous(memory_format=torch.channels_last) and not seen[1].is_contiguous()
     torch.testing.assert_close(kept, plain, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(contiguous, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_pointwise_projections_run_as_linear_layers_with_the_same_gradients():
+    """SD1's 1x1-convolution proj_in/proj_out on a channels-last image: linear layers over the pixels (no
+    convolution runs), equal outputs and gradients to diffusers' path, fp32 on the CPU."""
+    import copy
+
+    from lora_core.models import load_model
+
+    torch.manual_seed(0)
+    plain = load_model("tiny:sd1", device=torch.device("cpu")).unet.to(memory_format=torch.channels_last)
+    plain.requires_grad_(True)
+    kept = copy.deepcopy(plain)
+    nhwc_norm.keep_channels_last(kept)
+    convs = []
+    for m in kept.modules():
+        if isinstance(m, nhwc_norm.Transformer2DModel):
+            for proj in (m.proj_in, m.proj_out):
+                assert nhwc_norm._pointwise(proj)
+                proj.register_forward_hook(lambda *args: convs.append(1))
+    x = torch.randn(2, 4, 16, 16).contiguous(memory_format=torch.channels_last)
+    emb, t = torch.randn(2, 77, plain.config.cross_attention_dim), torch.tensor([10, 500])
+    outs = []
+    for unet in (plain, kept):
+        out = unet(x, t, emb).sample
+        out.square().mean().backward()
+        outs.append(out)
+    assert not convs
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    want = dict(plain.named_parameters())
+    for name, p in kept.named_parameters():
+        if ".proj_in." in name or ".proj_out." in name:
+            torch.testing.assert_close(p.grad, want[name].grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
