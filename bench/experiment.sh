@@ -18,13 +18,15 @@
 #                                          GEGLU: SD1.5 batch 16 and 1, and a lone preview, runs interleaved
 #   bench/experiment.sh lean OUT.jsonl     the lean ResNet blocks (performance.lean_resnets) against diffusers' block:
 #                                          SD1.5 batch 16 and 1 interleaved, with the batch-1 reference
+#   bench/experiment.sh after OUT.jsonl    this stop's defaults: the 3,000-sample job, a lone preview with and
+#                                          without the lean blocks, SDXL batch 4 and SD1.5 batch 1 with references
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -77,10 +79,18 @@ case $which in
     row bench/ours.py --batch 1 --set performance.lean_resnets=false
     row bench/ours.py --batch 16
     row bench/ours.py --batch 16 --set performance.lean_resnets=false ;;
+  after)
+    row bench/job.py
+    row bench/preview_lone.py --grouped --nhwc-norms --geglu --lean --rows unmerged_channels_last
+    row bench/preview_lone.py --grouped --nhwc-norms --geglu --rows unmerged_channels_last
+    row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
+    row bench/reference.py --model full:sdxl --batch 4 --warmup 5 --steps 10
+    row bench/reference.py --model full:sd15 --batch 1
+    row bench/ours.py --batch 1 ;;
   preview)
     for _ in 1 2; do
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last --no-copy
     done ;;
-  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean or preview)" >&2; exit 2 ;;
+  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after or preview)" >&2; exit 2 ;;
 esac

@@ -5,11 +5,12 @@ merged into the base weights (`merge=True`), with the sampling UNet replayed fro
 compiled (`sampling.compile`; `compile_s` holds each compiled row's first call, mostly compiling).
 Prints one JSON line per row, medians of `--repeat` images in seconds, as each row finishes.
 
-    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...] [--grouped] [--nhwc-norms] [--geglu] [--no-copy]
+    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...] [--grouped] [--nhwc-norms] [--geglu] [--lean] [--no-copy]
 
 `--grouped` groups the attention projections first, as a training run does (`performance.fused_projections`);
 `--nhwc-norms` gives channels-last rows the GroupNorm kernels that keep the layout (`performance.nhwc_norms`);
-`--geglu` gives the feed-forward the fused GEGLU kernels (`performance.fused_geglu`).
+`--geglu` gives the feed-forward the fused GEGLU kernels (`performance.fused_geglu`);
+`--lean` gives the ResNet blocks the lean forward (`performance.lean_resnets`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lora_core.fused_projections import fuse_projections
 from lora_core.geglu import use_fused_geglu
 from lora_core.half_norms import use_half_norms
 from lora_core.inject import inject
+from lora_core.lean_resnet import use_lean_resnets
 from lora_core.models import load_model
 from lora_core.nhwc_norm import keep_channels_last
 from lora_core.sampling import previews
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--grouped", action="store_true", help="group the attention projections (fuse_projections)")
     ap.add_argument("--nhwc-norms", action="store_true", help="GroupNorm kernels that keep channels-last")
     ap.add_argument("--geglu", action="store_true", help="the fused GEGLU kernels (performance.fused_geglu)")
+    ap.add_argument("--lean", action="store_true", help="the lean ResNet blocks (performance.lean_resnets)")
     ap.add_argument("--no-copy", action="store_true", help="no working copy of the adapters (adapter_copy off)")
     a = ap.parse_args()
     rows = a.rows.split(",")
@@ -55,6 +58,8 @@ def main() -> None:
         keep_channels_last(model.unet)
     if a.geglu:
         use_fused_geglu(model.unet)
+    if a.lean:
+        use_lean_resnets(model.unet)
 
     def one(merge: bool, compiled: bool) -> float:
         torch.cuda.synchronize()
@@ -73,8 +78,8 @@ def main() -> None:
         first = one(merge, compiled)  # the sampling graph's capture (and compile)
         times = sorted(one(merge, compiled) for _ in range(a.repeat))
         row = {"preview_lone": "full:sd15", "steps": 25, "cfg": 7.0, "row": name,
-               "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4), "grouped": a.grouped, "nhwc_norms": a.nhwc_norms, "geglu": a.geglu,
-               "working_copy": not a.no_copy}
+               "median_s": round(times[len(times) // 2], 4), "min_s": round(times[0], 4), "grouped": a.grouped,
+               "nhwc_norms": a.nhwc_norms, "geglu": a.geglu, "lean": a.lean, "working_copy": not a.no_copy}
         if compiled:
             row["compile_s"] = round(first, 1)
         print(json.dumps(row), flush=True)
