@@ -39,7 +39,6 @@ class Group:
 
     def __init__(self, layers: list[nn.Module]) -> None:
         self.assembled: tuple[torch.Tensor, torch.Tensor] | None = None  # see `assembled`
-        self.packed: tuple[torch.Tensor, torch.Tensor] | None = None  # a working copy's stacked adapters, while active
         self._assembly: tuple[torch.Tensor, torch.Tensor] | None = None
         weights = [_base(m).weight for m in layers]
         self.weight = torch.cat([w.detach() for w in weights])
@@ -77,7 +76,7 @@ class Group:
             h = F.linear(x, ready[0])
             y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), ready[1].t(), alpha=s)
         elif s != 0:
-            y = y + _adapters(x, layers, s, self.packed).to(y.dtype)
+            y = y + _adapters(x, layers, s).to(y.dtype)
         return list(y.split(self.sizes, dim=-1))
 
     def assemble(self, layers: tuple[nn.Module, ...]) -> None:
@@ -99,27 +98,15 @@ class Group:
         self.assembled = buf
 
 
-def _adapters(x: torch.Tensor, layers: tuple[nn.Module, ...], s: float,
-              packed: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """s * (x D^T) blockdiag(U)^T for LoRALinear `layers`, in the dtype their plain path computes in; D and
-    blockdiag(U) are the working copy's `packed` ones while it is active (lora_core/working_copy.py)."""
-    if packed is not None and all(m.work is not None for m in layers):
-        down, up = packed
-    else:
-        pairs = [m.work or (m.lora_down.weight, m.lora_up.weight) for m in layers]
-        down, up = torch.cat([d for d, _ in pairs]), torch.block_diag(*[u for _, u in pairs])
+def _adapters(x: torch.Tensor, layers: tuple[nn.Module, ...], s: float) -> torch.Tensor:
+    """s * (x D^T) blockdiag(U)^T for LoRALinear `layers`, in the dtype their plain path computes in."""
+    pairs = [m.work or (m.lora_down.weight, m.lora_up.weight) for m in layers]
+    down, up = torch.cat([d for d, _ in pairs]), torch.block_diag(*[u for _, u in pairs])
     fp32 = layers[0].lora_down.weight.dtype
     return in_adapter_dtype(x, lambda x: F.linear(F.linear(x, down), up), fp32) * s
 
 
 NAMES = {"qkv": ("to_q", "to_k", "to_v"), "kv": ("to_k", "to_v")}  # a group's layers, by its key
-
-
-def groups_of(unet: nn.Module) -> Iterator[tuple[Group, tuple[nn.Module, ...]]]:
-    """Each group of grouped projections in `unet`, with its layers in order."""
-    for attn in unet.modules():
-        for key, group in getattr(attn, "fused_groups", {}).items():
-            yield group, tuple(getattr(attn, name) for name in NAMES[key])
 
 
 @contextlib.contextmanager
@@ -128,10 +115,11 @@ def assembled(unet: nn.Module) -> Iterator[int]:
     concatenation and block-diagonal made once, at the start, instead of at every call: for previews,
     whose 25 denoising steps read the same adapters. Yields how many groups were assembled."""
     groups = []
-    for group, layers in groups_of(unet):
-        group.assemble(layers)
-        if group.assembled is not None:
-            groups.append(group)
+    for attn in unet.modules():
+        for key, group in getattr(attn, "fused_groups", {}).items():
+            group.assemble(tuple(getattr(attn, name) for name in NAMES[key]))
+            if group.assembled is not None:
+                groups.append(group)
     try:
         yield len(groups)
     finally:

@@ -40,7 +40,6 @@ from .fast_step import (
     step_autocast,
     use_graphs,
 )
-from .fused_projections import groups_of
 from .inject import adapters_off, inject, lora_parameters
 from .lora import LoRAModule
 from .models import LoadedModel, load_model
@@ -229,8 +228,7 @@ class Stepper:
         self.unet = fast_unet(cfg, model, acc.device, total - start, graphs)
         self.sched = model.noise_scheduler()
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(acc.device)
-        self.work = working_copy(modules.values(), acc.mixed_precision, cfg.performance.adapter_copy,
-                                 groups_of(model.unet))
+        self.work = working_copy(modules.values(), acc.mixed_precision, cfg.performance.adapter_copy)
         self.graphed = GraphedStep(self._update, opt) if graphs else None
         if graphs:
             make_capturable(opt)

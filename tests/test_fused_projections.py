@@ -153,49 +153,6 @@ def test_grouped_projections_compute_with_the_working_copy_under_autocast():
     assert not torch.allclose(planted, want_out)  # the layers really read the working copy
 
 
-def test_a_working_copy_given_the_groups_keeps_their_adapters_stacked():
-    """WorkingCopy with the groups: the grouped layers compute with its stacked downs and block-diagonal ups
-    (no concatenation or block-diagonal made per call; planting values in a layer's copy reaches them), and
-    give the output and gradients of the plain copy, accumulated over two micro-batches."""
-    model = load_model("tiny:sd1", device=CPU)
-    model.unet.to(torch.bfloat16)
-    torch.manual_seed(0)
-    modules = inject(model.unet, model.text_encoders, model.family, targets="attn", rank=4)
-    for m in modules.values():
-        torch.nn.init.normal_(m.lora_up.weight, std=0.05)
-    unet = model.unet
-    n = fp.fuse_projections(unet)
-    adapters = [m for m in unet.modules() if isinstance(m, fp.LoRAModule)]
-    x, t, text = _inputs(unet)
-
-    def run(work: WorkingCopy, plant: float = 0.0):
-        for m in adapters:
-            m.lora_down.weight.grad = m.lora_up.weight.grad = None
-        outs = []
-        for _ in range(2):  # two micro-batches: the second adds to .grad
-            with work.active(), torch.autocast("cpu", dtype=torch.bfloat16), _CountCats() as count:
-                if plant:
-                    for _, layers in fp.groups_of(unet):
-                        layers[-1].work[1].data.mul_(plant)
-                out = unet(x.bfloat16(), t, text.bfloat16()).sample.float()
-                out.square().mean().backward()
-            work.gradients_back()
-            outs.append(out.detach())
-        return outs[0], count.cats, [p.grad.clone() for m in adapters for p in (m.lora_down.weight, m.lora_up.weight)]
-
-    want_out, want_cats, want = run(WorkingCopy(adapters, torch.bfloat16))
-    stacked = WorkingCopy(adapters, torch.bfloat16, fp.groups_of(unet))
-    assert len(stacked.packs) == n > 0
-    got_out, got_cats, got = run(stacked)
-    assert want_cats == n and got_cats == 0, (want_cats, got_cats)
-    assert torch.equal(got_out, want_out)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-7)
-    planted, _, _ = run(stacked, plant=3.0)
-    assert not torch.allclose(planted, want_out)
-    assert all(group.packed is None for group, _ in fp.groups_of(unet))  # only while the copy is active
-
-
 def test_training_with_grouped_projections_tracks_layer_by_layer(tmp_path, monkeypatch):
     write_example_dataset(tmp_path / "d", n=4, size=64)
     common = [f"data.dir={tmp_path / 'd'}", "model.base=tiny:sd1", "data.resolution=64", "schedule.steps=15",
