@@ -14,10 +14,10 @@ import json
 import tempfile
 import traceback
 from collections import Counter
-from unittest.mock import patch
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_core import trainer
 from lora_core.config import resolve
@@ -33,15 +33,20 @@ def layout(t: torch.Tensor) -> str:
     return "both" if cl and nchw else "channels_last" if cl else "nchw" if nchw else f"strided{tuple(t.stride())}"
 
 
-def watch(unet: torch.nn.Module, seen: Counter) -> None:
-    """Count, per convolution and pass, the layouts its input and its output's gradient arrive in."""
-    for name, m in unet.named_modules():
-        if not isinstance(m, torch.nn.Conv2d):
-            continue
-        m.register_forward_pre_hook(lambda mod, args, n=name: seen.update(
-            [("forward input", n, tuple(args[0].shape), layout(args[0]))]) and None)
-        m.register_full_backward_pre_hook(lambda mod, grads, n=name: seen.update(
-            [("backward grad_output", n, tuple(grads[0].shape), layout(grads[0]))]) and None)
+class Convolutions(TorchDispatchMode):
+    """Counts, per convolution shape and pass, the layouts its input and its output's gradient arrive in. It
+    watches the operators, not the modules: the lean ResNet blocks call their convolutions' functional form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.seen[("forward input", tuple(args[1].shape), tuple(args[0].shape), layout(args[0]))] += 1
+        elif func is torch.ops.aten.convolution_backward.default:
+            self.seen[("backward grad_output", tuple(args[2].shape), tuple(args[0].shape), layout(args[0]))] += 1
+        return func(*args, **(kwargs or {}))
 
 
 class CopySites(TorchFunctionMode):
@@ -79,29 +84,22 @@ def main() -> None:
         f"schedule.batch_size={a.batch}", "schedule.steps=4", "lora.rank=16", "lora.alpha=16", "lora.targets=attn",
         "lora.train_text_encoder=false", "sampling.enabled=false", "saving.every=0", "performance.log_every=1",
         "performance.cuda_graphs=off", "performance.channels_last=on", *a.set], check=False)
-    seen: Counter = Counter()
-    original = trainer.fast_unet
-
-    def watched(*args, **kw):
-        unet = original(*args, **kw)
-        watch(unet, seen)
-        return unet
-
-    sites = CopySites()
-    with patch.object(trainer, "fast_unet", watched):
-        for ev in trainer.train(cfg, run_dir=tempfile.mkdtemp() + "/run"):
-            if ev.kind == "failed":
-                raise SystemExit(ev.message)
-            if ev.kind == "step" and ev.step == 2:
-                seen.clear()
-                if a.stacks:
-                    sites.__enter__()
-            if ev.kind == "step" and ev.step == 3 and a.stacks:
+    convs, sites = Convolutions(), CopySites()
+    for ev in trainer.train(cfg, run_dir=tempfile.mkdtemp() + "/run"):
+        if ev.kind == "failed":
+            raise SystemExit(ev.message)
+        if ev.kind == "step" and ev.step == 2:  # step 3 is watched
+            convs.__enter__()
+            if a.stacks:
+                sites.__enter__()
+        if ev.kind == "step" and ev.step == 3:
+            if a.stacks:
                 sites.__exit__(None, None, None)
-    steps = 2  # steps 3 and 4 counted
-    for (where, name, shape, how), n in sorted(seen.items()):
+            convs.__exit__(None, None, None)
+    seen, steps = convs.seen, 1
+    for (where, weight, shape, how), n in sorted(seen.items()):
         if how not in ("channels_last", "both"):
-            print(json.dumps({"where": where, "conv": name, "shape": shape, "layout": how, "per_step": n / steps}))
+            print(json.dumps({"where": where, "weight": weight, "shape": shape, "layout": how, "per_step": n / steps}))
     total = Counter((w, h in ("channels_last", "both")) for (w, _, _, h), n in seen.items() for _ in range(n))
     print(json.dumps({"summary": {f"{w} {'channels_last' if ok else 'other'}": n / steps for (w, ok), n in total.items()}}))
     if a.stacks:

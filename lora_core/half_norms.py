@@ -42,7 +42,6 @@ class HalfGroupNorm(nn.GroupNorm):
         with torch.autocast(x.device.type, enabled=False):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
-
     def with_silu(self, x: torch.Tensor) -> torch.Tensor:
         """F.silu(self(x)), in the norm's own kernels where the channels-last ones apply."""
         if self.nhwc and nhwc_norm.applies(x, self.weight):

@@ -3,7 +3,9 @@
 What diffusers' ResnetBlock2D does that costs a training step time (bench/layouts.py finds it, and
 bench/RESULTS.md has the measurements):
 - in training it calls `.contiguous()` on the input of the shortcut convolution: a channels-last
-  activation is copied to NCHW, which cuDNN copies back, and the gradients cross layouts again;
+  activation is copied to NCHW, which cuDNN copies back, and the gradients cross layouts again (diffusers
+  does it to keep DDP from warning about the shortcut weight's gradient strides; here the shortcut is
+  frozen and never takes an adapter, so it has no gradient);
 - it divides the output by `output_scale_factor`, which is 1.0 in every SD UNet: one pass forward and
   one backward for nothing;
 - each convolution adds its bias in a pass of its own after cuDNN's kernel;
@@ -14,6 +16,10 @@ the block does anyway, and the second's joins the shortcut convolution's bias wh
 Where the GroupNorm runs lora_core/nhwc_norm.py's kernels, they apply the SiLU too (and recompute the norm's
 output in the backward pass rather than keep it). The results differ from diffusers' only by rounding: the
 order of those additions, and the SiLU taking the norm's fp32 output where diffusers' takes it rounded.
+
+The plain convolutions run through `_conv_forward` (and SD1's projections, lora_core/nhwc_norm.py, through
+F.linear), so hooks registered on those Conv2d modules do not fire; adapters replace the module and are
+called as modules.
 """
 
 from __future__ import annotations
@@ -75,8 +81,8 @@ class LeanResnetBlock2D(ResnetBlock2D):
 
 
 def use_lean_resnets(model: nn.Module) -> int:
-    """Give every ResNet block of `model` that fits the lean forward; returns how many."""
-    blocks = [m for m in model.modules() if type(m) is ResnetBlock2D and LeanResnetBlock2D.fits(m)]
-    for m in blocks:
-        m.__class__ = LeanResnetBlock2D
-    return len(blocks)
+    """Give every ResNet block of `model` that fits the lean forward; returns how many have it."""
+    for m in model.modules():
+        if type(m) is ResnetBlock2D and LeanResnetBlock2D.fits(m):
+            m.__class__ = LeanResnetBlock2D
+    return sum(type(m) is LeanResnetBlock2D for m in model.modules())

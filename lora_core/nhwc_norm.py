@@ -275,14 +275,15 @@ class _GroupNormNHWC(torch.autograd.Function):
                          stats[0], stats[1], total, rows, cg, groups, *_view(x), *_view(y), per, splits, eps,
                          HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_R=block_r,
                          BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(splits))
-        ctx.save_for_backward(x, weight, bias, stats)
-        ctx.groups, ctx.silu = groups, silu
+        ctx.save_for_backward(x, weight, bias if silu else None, stats)  # the bias only to recompute the SiLU's input
+        ctx.groups, ctx.silu, ctx.has_bias = groups, silu, bias is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
+        has_bias = ctx.has_bias
         n, c, h, w = x.shape
         if not _mergeable(dy):  # rare: give it a layout whose pixels are one index
             dy = dy.contiguous(memory_format=torch.channels_last)
@@ -310,7 +311,7 @@ class _GroupNormNHWC(torch.autograd.Function):
             sums = dwb.sum(0)
             if weight is not None and ctx.needs_input_grad[2]:
                 dweight = sums[0].to(weight.dtype)
-            if bias is not None and ctx.needs_input_grad[3]:
+            if has_bias and ctx.needs_input_grad[3]:
                 dbias = sums[1].to(x.dtype)
         return dx, None, dweight, dbias, None, None
 

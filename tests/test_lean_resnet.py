@@ -11,6 +11,7 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_core.inject import inject
 from lora_core.lean_resnet import LeanResnetBlock2D, use_lean_resnets
@@ -31,6 +32,23 @@ class Copies(TorchFunctionMode):
         if func is torch.Tensor.contiguous and out.data_ptr() != args[0].data_ptr():
             self.n += 1
         return out
+
+
+class Convolutions(TorchDispatchMode):
+    """Counts convolutions run without a bias (the lean block moves conv1's, and conv2's where a shortcut
+    convolution takes it) and with one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.without_bias = self.with_bias = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            if args[2] is None:
+                self.without_bias += 1
+            else:
+                self.with_bias += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _pair(block: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -57,9 +75,11 @@ def test_lean_block_computes_what_diffusers_block_does(out_channels, scale):
     x = torch.randn(2, 32, 8, 8).to(memory_format=CL)
     temb, grad = torch.randn(2, 16), torch.randn(2, out_channels, 8, 8)
     want, want_dx, want_dp = _run(ref, x, temb, grad)
-    with Copies() as copies:
+    with Copies() as copies, Convolutions() as convs:
         got, got_dx, got_dp = _run(lean, x, temb, grad)
     assert copies.n == 0
+    shortcut = out_channels != 32  # then conv2's bias joins the shortcut's, else it stays on conv2
+    assert (convs.without_bias, convs.with_bias) == ((2, 1) if shortcut else (1, 1)), vars(convs)
     assert got.is_contiguous(memory_format=CL)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_dx, want_dx, rtol=1e-5, atol=1e-5)
@@ -75,22 +95,27 @@ def test_the_copy_counter_sees_a_layout_copy():
     assert copies.n == 1
 
 
-def test_unet_with_lean_blocks_and_conv_adapters_matches_diffusers():
-    """tiny:sd1's UNet, adapters on its ResNet convolutions (given non-zero up weights): the lean blocks take
-    the adapter's path for those convolutions and agree with diffusers' blocks."""
+@pytest.mark.parametrize("targets", ["attn", "conv"])
+def test_unet_with_lean_blocks_matches_diffusers(targets):
+    """tiny:sd1's UNet with adapters (given non-zero up weights) on its attention layers, where the lean blocks
+    move the convolutions' biases, or on its ResNet convolutions too, where they take the adapters' path."""
     torch.manual_seed(0)
     unet = load_model("tiny:sd1").unet.float()
-    loras = inject(unet, [], "sd1", targets="conv", text_encoder=False)
+    loras = inject(unet, [], "sd1", targets=targets, text_encoder=False)
     for m in loras.values():
         nn.init.normal_(m.lora_up.weight, std=0.02)
     ref, lean = _pair(unet)
-    assert any(type(m.conv1) is not nn.Conv2d for m in lean.modules() if isinstance(m, LeanResnetBlock2D))
+    wrapped = [type(m.conv1) is not nn.Conv2d for m in lean.modules() if isinstance(m, LeanResnetBlock2D)]
+    assert all(wrapped) if targets == "conv" else not any(wrapped)
     c = unet.config
     x = torch.randn(2, c.in_channels, 16, 16).to(memory_format=CL)
     ctx = torch.randn(2, 7, c.cross_attention_dim)
     t = torch.tensor([10, 500])
     want = ref(x, t, ctx).sample
-    got = lean(x, t, ctx).sample
+    with Convolutions() as convs:
+        got = lean(x, t, ctx).sample
+    if targets == "attn":  # (the conv adapters' own convolutions have no bias)
+        assert convs.without_bias > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     want.square().mean().backward()
     got.square().mean().backward()
