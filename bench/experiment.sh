@@ -20,13 +20,18 @@
 #                                          SD1.5 batch 16 and 1 interleaved, with the batch-1 reference
 #   bench/experiment.sh after OUT.jsonl    this stop's defaults: the 3,000-sample job, a lone preview with and
 #                                          without the lean blocks, SDXL batch 4 and SD1.5 batch 1 with references
+#   bench/experiment.sh recheck OUT.jsonl  what this stop's defaults left unmeasured: the gradient-checkpointing peaks,
+#                                          SD1.5 batch 16 with its reference, and (files beside OUT) the
+#                                          convolution layouts and the eager batch-16 profile by operator
+#   bench/experiment.sh compiled OUT.jsonl the compiled step with this stop's defaults (compile = on), batch 1 and
+#                                          16, with the batch-1 reference (about 8 minutes)
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -87,10 +92,22 @@ case $which in
     row bench/reference.py --model full:sdxl --batch 4 --warmup 5 --steps 10
     row bench/reference.py --model full:sd15 --batch 1
     row bench/ours.py --batch 1 ;;
+  recheck)
+    row bench/ours.py --batch 1 --gc
+    row bench/ours.py --model full:sdxl --batch 1 --gc --warmup 10 --steps 10
+    row bench/reference.py --model full:sd15 --batch 16
+    row bench/ours.py --batch 16
+    timeout 200 python3 bench/layouts.py --batch 16 --stacks >"${out%.jsonl}-layouts.jsonl" 2>>"${out%.jsonl}.log"
+    timeout 300 python3 bench/profile_step.py --batch 16 --ops --set performance.cuda_graphs=off \
+      --set performance.channels_last=on --out "${out%.jsonl}-profile-b16.txt" >>"${out%.jsonl}.log" 2>&1 ;;
+  compiled)
+    row bench/reference.py --model full:sd15 --batch 1
+    row bench/ours.py --batch 1 --warmup 10 --set performance.compile=on
+    row bench/ours.py --batch 16 --set performance.compile=on ;;
   preview)
     for _ in 1 2; do
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last --no-copy
     done ;;
-  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after or preview)" >&2; exit 2 ;;
+  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled or preview)" >&2; exit 2 ;;
 esac
