@@ -114,24 +114,31 @@ class _GEGLU(torch.autograd.Function):
         return dh
 
 
+def _probe(like: torch.Tensor) -> None:
+    """Build and run both kernels once on a tiny tensor of `like`'s device and dtype. The kernels are
+    launched directly, not through autograd: a probe that saved tensors would join an enclosing gradient
+    checkpoint's recording, which its recomputation would then not match."""
+    h = torch.zeros(1, 2, device=like.device, dtype=like.dtype)
+    y = torch.empty(1, 1, device=like.device, dtype=like.dtype)
+    with on_device(h):
+        _forward[_grid(1, 1)](h, y, 1, 1, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        _backward[_grid(1, 1)](h, y, torch.empty_like(h), 1, 1, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+
+
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """`a * gelu(g)` for `a, g = h.chunk(2, -1)`, for a tensor `applies` accepts."""
-    if _state["worked"]:
-        return _GEGLU.apply(h)
-    try:  # the first call builds both kernels: a machine without what Triton needs falls back for good
-        with torch.enable_grad():  # sampling runs without gradients; the probe needs them
-            probe = torch.zeros(1, 2, device=h.device, dtype=h.dtype, requires_grad=True)
-            torch.autograd.grad(_GEGLU.apply(probe).sum(), probe)
-        y = _GEGLU.apply(h)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as e:
-        _state["failed"] = True
-        log.warning("the fused GEGLU kernels do not run here, diffusers' GEGLU runs instead: %s", e)
-        a, g = h.chunk(2, dim=-1)
-        return a * F.gelu(g)
-    _state["worked"] = True
-    return y
+    if not _state["worked"]:
+        try:  # the first call builds both kernels: a machine without what Triton needs falls back for good
+            _probe(h)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:
+            _state["failed"] = True
+            log.warning("the fused GEGLU kernels do not run here, diffusers' GEGLU runs instead: %s", e)
+            a, g = h.chunk(2, dim=-1)
+            return a * F.gelu(g)
+        _state["worked"] = True
+    return _GEGLU.apply(h)
 
 
 class FusedGEGLU(GEGLU):

@@ -48,17 +48,52 @@ CHECK = textwrap.dedent("""
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+# The first call builds the kernels. Under gradient checkpointing that call comes inside a checkpointed forward,
+# where anything the build saved for autograd would be recorded, and the recomputation would not match it.
+CHECKPOINTED = textwrap.dedent("""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+    from lora_core import geglu
+    geglu.applies = lambda h: geglu.fits(h) or h.dtype == torch.float32  # the interpreter runs on the CPU
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(8, 2 * 6)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    body = lambda x: geglu.geglu(proj(x)) * 2
+    out = checkpoint(body, x, use_reentrant=False)
+    out.square().sum().backward()
+    assert geglu._state["worked"] and not geglu._state["failed"], geglu._state
+    got = (out.detach().clone(), x.grad.clone(), proj.weight.grad.clone())
+    x.grad, proj.weight.grad = None, None
+    a, g = proj(x).chunk(2, dim=-1)
+    want = a * torch.nn.functional.gelu(g) * 2
+    want.square().sum().backward()
+    for name, u, v in zip(("out", "x.grad", "weight.grad"), got, (want.detach(), x.grad, proj.weight.grad)):
+        assert torch.allclose(u, v, rtol=1e-5, atol=1e-6), name
+    print("ok")
+""")
+
+
+def _interpret(code: str) -> subprocess.CompletedProcess:
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
 def test_kernels_match_geglu_in_the_interpreter():
     pytest.importorskip("triton")
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
+    out = _interpret(CHECK)
     assert out.returncode == 0, out.stderr[-3000:]
     worst, worst_half = map(float, out.stdout.split("worst")[-1].split())
     assert worst < 1e-5 and worst_half < 2e-2, out.stdout  # fp32 against float64; bf16 rounding
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the checkpointed UNet step is tested instead")
+def test_first_call_inside_a_gradient_checkpoint_builds_the_kernels_and_trains():
+    pytest.importorskip("triton")
+    out = _interpret(CHECKPOINTED)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 def test_only_contiguous_half_tensors_with_an_even_last_dimension_fit():
@@ -136,3 +171,20 @@ def test_unet_feed_forwards_take_the_kernels(monkeypatch):
     assert calls, "no feed-forward took the fused kernels"
     assert geglu._state["worked"] and not geglu._state["failed"], "the kernels failed and diffusers' GEGLU ran"
     assert ((fast - plain).abs().max() / plain.abs().max()).item() < 3e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_checkpointed_unet_builds_the_kernels_inside_its_first_checkpoint(monkeypatch):
+    monkeypatch.setitem(geglu._state, "worked", False)  # as in a fresh process: the first call builds them
+    monkeypatch.setitem(geglu._state, "failed", False)
+    unet = load_model("tiny:sd1", device=torch.device("cuda")).unet.to(dtype=torch.bfloat16)
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    assert geglu.use_fused_geglu(unet)
+    x = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=torch.bfloat16)
+    unet(x, torch.tensor([10, 500], device="cuda"), emb).sample.float().square().mean().backward()
+    assert geglu._state["worked"] and not geglu._state["failed"], "the kernels failed and diffusers' GEGLU ran"
+    grads = [p.grad for p in unet.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
