@@ -180,7 +180,7 @@ def test_a_checkpointed_unet_builds_the_kernels_inside_its_first_checkpoint(monk
     monkeypatch.setitem(geglu._state, "failed", False)
     unet = load_model("tiny:sd1", device=torch.device("cuda")).unet.to(dtype=torch.bfloat16)
     unet.enable_gradient_checkpointing()
-    unet.train()
+    unet.train().requires_grad_(True)  # the loaded base is frozen: nothing would be recorded
     assert geglu.use_fused_geglu(unet)
     x = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
     emb = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=torch.bfloat16)
