@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
+from .grouped_lora import grouped_kernel_applies, grouped_lora
 from .lora import LoRALinear, LoRAModule, in_adapter_dtype
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class Group:
         return scales.pop() if len(scales) == 1 else None
 
     def __call__(self, x: torch.Tensor, layers: tuple[nn.Module, ...], s: float) -> list[torch.Tensor]:
+        if s != 0 and (self.assembled is None or torch.is_grad_enabled()) and grouped_kernel_applies(x, layers):
+            return list(grouped_lora(x, self.weight, layers, s).split(self.sizes, dim=-1))
         y = F.linear(x, self.weight)
         ready = self.assembled
         if s != 0 and ready is not None and not torch.is_grad_enabled() and ready[0].dtype == x.dtype == y.dtype:
