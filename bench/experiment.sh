@@ -25,13 +25,17 @@
 #                                          convolution layouts and the eager batch-16 profile by operator
 #   bench/experiment.sh compiled OUT.jsonl the compiled step with this stop's defaults (compile = on), batch 1 and
 #                                          16, with the batch-1 reference (about 8 minutes)
+#   bench/experiment.sh grouped OUT.jsonl  the grouped projections' autograd function against the previous commit's
+#                                          tree (unpacked in .prev), SD1.5 batch 16 and 1, interleaved, twice
+#   bench/experiment.sh stop OUT.jsonl     a stop's figures in one call: the 3,000-sample job, a lone preview, SDXL
+#                                          batch 4 and SD1.5 batch 1 and 16, each with its reference
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, stop or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -104,10 +108,27 @@ case $which in
     row bench/reference.py --model full:sd15 --batch 1
     row bench/ours.py --batch 1 --warmup 10 --set performance.compile=on
     row bench/ours.py --batch 16 --set performance.compile=on ;;
+  grouped)
+    [ -d .prev/lora_core ] || { echo "unpack the tree to compare against: git archive REV lora_core bench | tar -x -C .prev" >&2; exit 2; }
+    [ -e .prev/assets ] || ln -s ../assets .prev/assets
+    old() { (cd .prev && PYTHONPATH=${PYTHONPATH}:$(pwd) timeout 300 python3 bench/ours.py "$@" 2>>"${out%.jsonl}.log" \
+             | grep '^{' | sed 's/^{/{"tree": "previous", /' >>"$out"); }
+    for _ in 1 2; do
+      row bench/ours.py --batch 16; old --batch 16; row bench/ours.py --batch 1; old --batch 1
+    done ;;
+  stop)
+    row bench/job.py
+    row bench/preview_lone.py --grouped --nhwc-norms --geglu --lean --rows unmerged_channels_last
+    row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
+    row bench/reference.py --model full:sdxl --batch 4 --warmup 5 --steps 10
+    row bench/reference.py --model full:sd15 --batch 1
+    row bench/ours.py --batch 1
+    row bench/reference.py --model full:sd15 --batch 16
+    row bench/ours.py --batch 16 ;;
   preview)
     for _ in 1 2; do
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last --no-copy
     done ;;
-  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled or preview)" >&2; exit 2 ;;
+  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, stop or preview)" >&2; exit 2 ;;
 esac
