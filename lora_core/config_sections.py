@@ -239,8 +239,8 @@ class PerformanceConfig:
                           "three-layer path.")
     fused_projections: bool = _f(True, "Compute the q, k and v projections of each UNet self-attention (k and v "
                                  "of cross-attention) as one matrix product, adapters included: fewer, larger "
-                                 "GPU kernels, no extra memory, the plain adapter path's maths and precision "
-                                 "(not used with an fp16 base). Off = one layer at a time.")
+                                 "GPU kernels, no extra memory, the plain adapter path's maths (not used with "
+                                 "an fp16 base). Off = one layer at a time.")
     adapter_copy: bool = _f(True, "Under mixed precision, cast all the adapters' fp32 weights to the compute "
                             "type in one multi-tensor copy per step, and their gradients back in another, "
                             "instead of a cast in every adapted layer (hundreds fewer GPU kernels per step; "

@@ -214,8 +214,8 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
     if perf.lean_resnets:
         log.info("ResNet blocks run without layout copies, divides by 1 or separate bias passes: %d blocks",
                  use_lean_resnets(model.unet))
-    # the grouped adapters' weight gradients come out of plain autograd in the compute dtype: kept off for an
-    # fp16 base (no loss scaling here), where the fused kernel's fp32 gradients matter
+    # kept off for an fp16 base (no loss scaling here): under torch.compile the grouped adapters run as plain
+    # autograd, whose weight gradients come out in the compute dtype, where fp32 ones matter
     if perf.fused_projections and model.unet.dtype != torch.float16:
         log.info("attention projections grouped into one product each: %d groups", fuse_projections(model.unet))
     if not compiled:

@@ -7,11 +7,14 @@ is a base product plus the adapter's down and up products, forward and backward.
 frozen base weights share one storage (the layers' own weights become views into it: no extra
 memory), and the group runs as
 
-    [q | k | v] = x [Wq; Wk; Wv]^T + s * ((x [Dq; Dk; Dv]^T) blockdiag(Uq, Uk, Uv)^T)
+    [q | k | v] = x [Wq; Wk; Wv]^T + s * [(x Dq^T) Uq^T | (x Dk^T) Uk^T | (x Dv^T) Uv^T]
 
-three products instead of nine, then split. The maths is the layer-by-layer maths (the off-diagonal
-blocks add exact zeros). A group that can't go this way (a merged adapter, per-image multipliers,
-dropout, unequal scales, biases, weights moved since they were grouped) runs layer by layer as before.
+one base product and one down product for the group, then split. Training (and sampling outside an
+`assembled` block) goes through lora_core/grouped_lora.py, which adds each member's up product into its
+columns of the base's output; previews inside `assembled` use one product with blockdiag(Uq, Uk, Uv) made once
+per preview; under torch.compile the plain autograd form runs (`_adapters`). The maths is the layer-by-layer
+maths. A group that can't go this way (a merged adapter, per-image multipliers, dropout, unequal scales,
+biases, weights moved since they were grouped) runs layer by layer as before.
 """
 
 from __future__ import annotations

@@ -115,30 +115,33 @@ class _GEGLU(torch.autograd.Function):
 
 
 def _probe(like: torch.Tensor) -> None:
-    """Build and run both kernels once on a tiny tensor of `like`'s device and dtype. The kernels are
-    launched directly, not through autograd: a probe that saved tensors would join an enclosing gradient
-    checkpoint's recording, which its recomputation would then not match."""
-    h = torch.zeros(1, 2, device=like.device, dtype=like.dtype)
-    y = torch.empty(1, 1, device=like.device, dtype=like.dtype)
+    """Build and run both kernels on a small tensor of `like`'s device and dtype, 16 x 16 so that Triton
+    compiles the variant most real shapes take (it specialises integers equal to 1 and multiples of 16). The
+    kernels are launched directly, not through autograd: a probe that saved tensors would join an enclosing
+    gradient checkpoint's recording, which its recomputation would then not match."""
+    h = torch.zeros(16, 32, device=like.device, dtype=like.dtype)
+    y = torch.empty(16, 16, device=like.device, dtype=like.dtype)
     with on_device(h):
-        _forward[_grid(1, 1)](h, y, 1, 1, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-        _backward[_grid(1, 1)](h, y, torch.empty_like(h), 1, 1, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        _forward[_grid(16, 16)](h, y, 16, 16, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        _backward[_grid(16, 16)](h, y, torch.empty_like(h), 16, 16, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
 
 
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """`a * gelu(g)` for `a, g = h.chunk(2, -1)`, for a tensor `applies` accepts."""
-    if not _state["worked"]:
-        try:  # the first call builds both kernels: a machine without what Triton needs falls back for good
-            _probe(h)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:
-            _state["failed"] = True
-            log.warning("the fused GEGLU kernels do not run here, diffusers' GEGLU runs instead: %s", e)
-            a, g = h.chunk(2, dim=-1)
-            return a * F.gelu(g)
-        _state["worked"] = True
-    return _GEGLU.apply(h)
+    if _state["worked"]:
+        return _GEGLU.apply(h)
+    try:  # the first call builds the kernels: a machine without what Triton needs falls back for good
+        _probe(h)
+        y = _GEGLU.apply(h)  # may build another variant (the shape's own specialisation)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        _state["failed"] = True
+        log.warning("the fused GEGLU kernels do not run here, diffusers' GEGLU runs instead: %s", e)
+        a, g = h.chunk(2, dim=-1)
+        return a * F.gelu(g)
+    _state["worked"] = True
+    return y
 
 
 class FusedGEGLU(GEGLU):

@@ -9,7 +9,9 @@ out of it), and the adapters' output was multiplied by s and added to the base's
 the whole [tokens, G x out] activation, forward and backward. Here each member's up product is added into its
 columns of the base's output inside the product (addmm_ on a column slice, which cuBLAS writes in place), the
 scale rides on the small [tokens, G x rank] down product, and the backward writes the same way. Same maths,
-with one rounding fewer (the adapters' product is added in the GEMM's fp32 accumulator).
+with one rounding fewer (the adapters' product is added in the GEMM's fp32 accumulator). As in the single
+layers' function (lora_core/lora_fused.py), a working copy's half-precision weights are only computed with:
+the gradients go to the fp32 weights, out of the GEMM's fp32 accumulator on a GPU.
 """
 
 from __future__ import annotations
@@ -21,16 +23,12 @@ from torch import nn
 from .lora_fused import _mm_as, compute_dtype
 
 
-def _pairs(layers: tuple[nn.Module, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's (down, up): its working copy while one is active, else its own weights."""
-    return [m.work or (m.lora_down.weight, m.lora_up.weight) for m in layers]
-
-
 def grouped_kernel_applies(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
     """Whether `grouped_lora` computes what the plain path would: the adapters in the base's compute dtype
     (`lora.in_adapter_dtype`), outside torch.compile (which fuses the plain path itself; an in-place product
-    on an output is what torch 2.11's Dynamo mishandles in an autograd.Function, lora_core/lora_fused.py)."""
-    if torch.compiler.is_compiling():
+    on an output is what torch 2.11's Dynamo mishandles in an autograd.Function, lora_core/lora_fused.py),
+    for layers left on the hand-written path (`performance.fused_lora`)."""
+    if torch.compiler.is_compiling() or not all(m.fused for m in layers):
         return False
     if torch.is_autocast_enabled(x.device.type) or (x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda):
         return True
@@ -39,39 +37,45 @@ def grouped_kernel_applies(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bo
 
 class _GroupedLoRAFn(torch.autograd.Function):
     """x [N, in] -> y [N, sum(outs)], all in one dtype; the frozen base gets no gradient (`Group.scale` checks).
-    `weights` holds the G downs, then the G ups; their gradients come back in their own dtypes."""
+    `params` holds the G downs, then the G ups, which get the gradients, in their own dtypes (fp32 straight
+    out of the GEMM's accumulator on a GPU, `_mm_as`); `computes` the same weights to compute with (a working
+    copy's half-precision tensors where one is active)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: float, *weights: torch.Tensor) -> torch.Tensor:
-        g = len(weights) // 2
-        downs, ups = [w.to(x.dtype) for w in weights[:g]], [w.to(x.dtype) for w in weights[g:]]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: float, computes: list[torch.Tensor],
+                *params: torch.Tensor) -> torch.Tensor:
+        g = len(params) // 2
+        downs, ups = [w.to(x.dtype) for w in computes[:g]], [w.to(x.dtype) for w in computes[g:]]
         down = torch.cat(downs) if g > 1 else downs[0]
         zs = torch.mm(x, down.t()).mul_(scale)  # [N, G x rank]: small, so the scale costs nothing here
         y = F.linear(x, weight)
         for y_i, z_i, u in zip(y.split(_outs(ups), 1), zs.split(_ranks(ups), 1), ups, strict=True):
             y_i.addmm_(z_i, u.t())  # into the member's columns, in place
         ctx.save_for_backward(x, weight, down, zs, *ups)
-        ctx.scale, ctx.dtypes = scale, [w.dtype for w in weights]
+        ctx.scale, ctx.dtypes = scale, [p.dtype for p in params]
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the saved products are cut from the graph
     def backward(ctx, grad: torch.Tensor):
         x, weight, down, zs, *ups = ctx.saved_tensors
-        gy, g, needs = grad.to(x.dtype), len(ups), ctx.needs_input_grad
+        gy, g, needs = grad.to(x.dtype), len(ups), ctx.needs_input_grad[_PARAMS:]
         gys = gy.split(_outs(ups), 1)
         gz = torch.empty_like(zs)  # d loss / d (x D^T); beta=0: its unset values are never read
         for gz_i, gy_i, u in zip(gz.split(_ranks(ups), 1), gys, ups, strict=True):
             gz_i.addmm_(gy_i, u, beta=0, alpha=ctx.scale)
         grad_ups = [_mm_as(gy_i.t(), z_i, dt) if need else None for gy_i, z_i, dt, need
-                    in zip(gys, zs.split(_ranks(ups), 1), ctx.dtypes[g:], needs[3 + g:], strict=True)]
+                    in zip(gys, zs.split(_ranks(ups), 1), ctx.dtypes[g:], needs[g:], strict=True)]
         grad_downs = [None] * g
-        if any(needs[3:3 + g]):
+        if any(needs[:g]):
             rows = _mm_as(gz.t(), x, ctx.dtypes[0]).split(_ranks(ups))
-            grad_downs = [r.to(dt) if need else None for r, dt, need in zip(rows, ctx.dtypes[:g], needs[3:3 + g],
+            grad_downs = [r.to(dt) if need else None for r, dt, need in zip(rows, ctx.dtypes[:g], needs[:g],
                                                                          strict=True)]
-        grad_x = torch.mm(gy, weight).addmm_(gz, down) if needs[0] else None
-        return grad_x, None, None, *grad_downs, *grad_ups
+        grad_x = torch.mm(gy, weight).addmm_(gz, down) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, *grad_downs, *grad_ups
+
+
+_PARAMS = 4  # where `params` start among the function's inputs (x, weight, scale, computes)
 
 
 def _outs(ups: list[torch.Tensor]) -> list[int]:
@@ -87,7 +91,9 @@ def grouped_lora(x: torch.Tensor, weight: torch.Tensor, layers: tuple[nn.Module,
     (LoRALinear, one scale), in the dtype `compute_dtype` gives: [..., sum(outs)]."""
     dt = compute_dtype(x)
     x2 = x.to(dt).reshape(-1, x.shape[-1])
-    pairs = _pairs(layers)
+    work = [m.work or (m.lora_down.weight, m.lora_up.weight) for m in layers]  # a working copy where active
+    computes = [d.detach() for d, _ in work] + [u.detach() for _, u in work]
+    params = [m.lora_down.weight for m in layers] + [m.lora_up.weight for m in layers]
     with torch.autocast(x.device.type, enabled=False):
-        y = _GroupedLoRAFn.apply(x2, weight.to(dt), scale, *[d for d, _ in pairs], *[u for _, u in pairs])
+        y = _GroupedLoRAFn.apply(x2, weight.to(dt), scale, computes, *params)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -12,11 +12,14 @@ from lora_core import grouped_lora as gl
 from lora_core.lora import LoRALinear
 
 
-def _group(members: int, rank: int = 4, width: int = 24, outs: tuple[int, ...] | None = None, seed: int = 0):
-    """LoRALinear layers without biases on one input, their base weights concatenated as the group has them."""
+def _group(members: int, rank: int = 4, width: int = 24, outs: tuple[int, ...] | None = None,
+           ranks: tuple[int, ...] | None = None, seed: int = 0):
+    """LoRALinear layers without biases on one input, their base weights concatenated as the group has them;
+    one scale for all (alpha = rank / 2)."""
     torch.manual_seed(seed)
     outs = outs or (width,) * members
-    layers = tuple(LoRALinear(nn.Linear(width, o, bias=False), rank=rank, alpha=rank / 2) for o in outs)
+    ranks = ranks or (rank,) * members
+    layers = tuple(LoRALinear(nn.Linear(width, o, bias=False), rank=r, alpha=r / 2) for o, r in zip(outs, ranks, strict=True))
     for m in layers:
         nn.init.normal_(m.lora_up.weight, std=0.1)
         m.base.weight.requires_grad_(False)
@@ -35,9 +38,10 @@ def _grads(out: torch.Tensor, x: torch.Tensor, layers, seed: int = 3) -> list[to
     return list(torch.autograd.grad(out, [x, *params], g.to(out.dtype)))
 
 
-@pytest.mark.parametrize("members,outs", [(2, None), (3, None), (3, (24, 40, 8))])
-def test_the_function_gives_the_plain_output_and_gradients_in_fp32(members, outs):
-    layers, weight = _group(members, outs=outs)
+@pytest.mark.parametrize("members,outs,ranks", [(2, None, None), (3, None, None), (3, (24, 40, 8), None),
+                                               (3, (24, 40, 8), (2, 8, 5))])
+def test_the_function_gives_the_plain_output_and_gradients_in_fp32(members, outs, ranks):
+    layers, weight = _group(members, outs=outs, ranks=ranks)
     x = torch.randn(2, 5, 24, requires_grad=True)
     want = _plain(x, weight, layers, 0.5)
     got = gl.grouped_lora(x, weight, layers, 0.5)
@@ -92,6 +96,38 @@ def test_it_applies_where_the_plain_path_computes_in_the_compute_dtype():
     assert not gl.grouped_kernel_applies(torch.randn(2, 24, dtype=torch.bfloat16), layers)  # CPU bf16: fp32 adapters
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert gl.grouped_kernel_applies(torch.randn(2, 24), layers)
+
+
+def test_a_working_copy_is_computed_with_and_the_gradients_go_to_the_fp32_weights(monkeypatch):
+    """As in the single layers' function: the half-precision copies are only read; each weight gradient is
+    asked of `_mm_as` in fp32 (on a GPU it comes straight out of the GEMM's accumulator) and lands on the
+    fp32 weight, none on the copy."""
+    layers, weight = _group(3, ranks=(2, 8, 5))
+    for m in layers:
+        m.work = (m.lora_down.weight.detach().bfloat16().requires_grad_(),
+                  m.lora_up.weight.detach().bfloat16().requires_grad_())
+    asked = []
+    real = gl._mm_as
+    monkeypatch.setattr(gl, "_mm_as", lambda a, b, dtype: asked.append(dtype) or real(a, b, dtype))
+    x = torch.randn(2, 6, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gl.grouped_lora(x, weight.bfloat16(), layers, 0.5)
+    out.float().square().sum().backward()
+    assert asked and all(dt == torch.float32 for dt in asked)
+    for m in layers:
+        assert m.lora_down.weight.grad.dtype == m.lora_up.weight.grad.dtype == torch.float32
+        assert m.work[0].grad is None and m.work[1].grad is None
+    with torch.no_grad():  # and the copies' values are the ones computed with
+        layers[0].work[1].mul_(3.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            planted = gl.grouped_lora(x, weight.bfloat16(), layers, 0.5)
+    assert not torch.allclose(planted.float(), out.detach().float())
+
+
+def test_the_plain_path_switch_keeps_groups_off_the_function():
+    layers, _ = _group(2)
+    layers[1].fused = False  # performance.fused_lora = false
+    assert not gl.grouped_kernel_applies(torch.randn(2, 24), layers)
 
 
 @pytest.mark.gpu
