@@ -27,6 +27,9 @@
 #                                          16, with the batch-1 reference (about 8 minutes)
 #   bench/experiment.sh grouped OUT.jsonl  the grouped projections' autograd function against the previous commit's
 #                                          tree (unpacked in .prev), SD1.5 batch 16 and 1, interleaved, twice
+#   bench/experiment.sh norms OUT.jsonl    the GroupNorm kernels reading whole pixels and the LayerNorm kernels
+#                                          against the previous commit's tree (unpacked in .prev), SD1.5 batch
+#                                          16 and 1, interleaved; and (beside OUT) bench/norms.py at SD1.5 16, 1, SDXL 4
 #   bench/experiment.sh stop OUT.jsonl     a stop's figures in one call: the 3,000-sample job, a lone preview, SDXL
 #                                          batch 4 and SD1.5 batch 1 and 16, each with its reference
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
@@ -35,7 +38,7 @@
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, stop or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -111,10 +114,20 @@ case $which in
   grouped)
     [ -d .prev/lora_core ] || { echo "unpack the tree to compare against: git archive REV lora_core bench | tar -x -C .prev" >&2; exit 2; }
     [ -e .prev/assets ] || ln -s ../assets .prev/assets
-    old() { (cd .prev && PYTHONPATH=${PYTHONPATH}:$(pwd) timeout 300 python3 bench/ours.py "$@" 2>>"${out%.jsonl}.log" \
+    old() { (cd .prev && PYTHONPATH=$(pwd):${PYTHONPATH} timeout 300 python3 bench/ours.py "$@" 2>>"${out%.jsonl}.log" \
              | grep '^{' | sed 's/^{/{"tree": "previous", /' >>"$out"); }
     for _ in 1 2; do
       row bench/ours.py --batch 16; old --batch 16; row bench/ours.py --batch 1; old --batch 1
+    done ;;
+  norms)
+    [ -d .prev/lora_core ] || { echo "unpack the tree to compare against: git archive REV lora_core bench | tar -x -C .prev" >&2; exit 2; }
+    [ -e .prev/assets ] || ln -s ../assets .prev/assets
+    old() { (cd .prev && PYTHONPATH=$(pwd):${PYTHONPATH} timeout 300 python3 bench/ours.py "$@" 2>>"${out%.jsonl}.log" \
+             | grep '^{' | sed 's/^{/{"tree": "previous", /' >>"$out"); }
+    row bench/ours.py --batch 16; old --batch 16; row bench/ours.py --batch 1; old --batch 1
+    row bench/ours.py --batch 16; old --batch 16
+    for args in "--batch 16" "--batch 1" "--model full:sdxl --batch 4"; do
+      timeout 150 python3 bench/norms.py $args --old .prev/lora_core/nhwc_norm.py >>"${out%.jsonl}-kernels.jsonl" 2>>"${out%.jsonl}.log"
     done ;;
   stop)
     row bench/job.py
@@ -130,5 +143,5 @@ case $which in
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last --no-copy
     done ;;
-  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, stop or preview)" >&2; exit 2 ;;
+  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop or preview)" >&2; exit 2 ;;
 esac

@@ -226,6 +226,10 @@ class PerformanceConfig:
                           "activations as they are (Triton kernels on CUDA) instead of PyTorch's, which "
                           "copies them to the other layout and back in both passes. Previews use them "
                           "too. Off = PyTorch's GroupNorm.")
+    fast_layer_norm: bool = _f(True, "With half_norms, run the UNet's LayerNorms on bf16/fp16 activations in "
+                               "Triton kernels (CUDA) that normalise several rows per program, instead of "
+                               "PyTorch's one row per block: measured 2.2 against 3.8 ms for an SD1.5 batch-16 step's 48 "
+                               "LayerNorms on an H200. Previews use them too. Off = PyTorch's LayerNorm.")
     fused_geglu: bool = _f(True, "Run the feed-forward's GEGLU (value times GELU of the gate) as one GPU "
                            "kernel each way on bf16/fp16 activations, instead of diffusers' split, GELU and "
                            "multiply (and a concatenation in the backward pass); it saves only the "

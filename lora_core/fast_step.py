@@ -205,7 +205,7 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
         model.unet.to(memory_format=torch.channels_last)
     if perf.half_norms and model.unet.dtype in HALF:  # a half-precision base means mixed precision is on
         log.info("normalisations run in the compute dtype: %d layers%s",
-                 use_half_norms(model.unet, nhwc=perf.nhwc_norms),
+                 use_half_norms(model.unet, nhwc=perf.nhwc_norms, rows=perf.fast_layer_norm),
                  ", GroupNorm in channels-last where the tensors are" if perf.nhwc_norms and nhwc_norm.available() else "")
         if perf.nhwc_norms:
             nhwc_norm.keep_channels_last(model.unet)

@@ -10,7 +10,8 @@ value). Sampling (no autocast) already runs them this way. The swap changes only
 each norm module: parameters, state dicts and adapter files are untouched.
 
 With `nhwc`, a GroupNorm given a channels-last half-precision CUDA tensor runs lora_core/nhwc_norm.py's
-kernels, which keep the layout (in training and in sampling alike).
+kernels, which keep the layout (in training and in sampling alike); with `rows`, a LayerNorm given a
+contiguous half-precision CUDA tensor runs lora_core/layer_norm.py's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import nhwc_norm
+from . import layer_norm, nhwc_norm
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -51,7 +52,12 @@ class HalfGroupNorm(nn.GroupNorm):
 
 
 class HalfLayerNorm(nn.LayerNorm):
+    rows = False  # set per module by use_half_norms
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows and layer_norm.applies(x, self.normalized_shape, self.weight):
+            with torch.autocast(x.device.type, enabled=False):
+                return layer_norm.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         if not _native(x, self.weight):
             return super().forward(x)
         with torch.autocast(x.device.type, enabled=False):
@@ -61,9 +67,9 @@ class HalfLayerNorm(nn.LayerNorm):
 SWAPS = {nn.GroupNorm: HalfGroupNorm, nn.LayerNorm: HalfLayerNorm}
 
 
-def use_half_norms(model: nn.Module, nhwc: bool = False) -> int:
+def use_half_norms(model: nn.Module, nhwc: bool = False, rows: bool = False) -> int:
     """Give every plain GroupNorm/LayerNorm in `model` the half-precision forward (GroupNorms the
-    channels-last kernels too if `nhwc`); returns how many."""
+    channels-last kernels too if `nhwc`, LayerNorms the row kernels if `rows`); returns how many."""
     n = 0
     for m in model.modules():
         if type(m) in SWAPS:
@@ -71,4 +77,6 @@ def use_half_norms(model: nn.Module, nhwc: bool = False) -> int:
             n += 1
         if isinstance(m, HalfGroupNorm):
             m.nhwc = nhwc
+        if isinstance(m, HalfLayerNorm):
+            m.rows = rows
     return n

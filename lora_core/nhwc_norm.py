@@ -7,9 +7,12 @@ were the largest single line of the profile, and in a lone preview 15% of the GP
 (bench/RESULTS.md). The Triton kernels here read and write the tensors in whatever layout they have
 (strides are arguments), so a channels-last activation stays channels-last.
 
-Each (sample, group) is split over several programs so a batch-1 tensor still fills the GPU: a first
-kernel writes every program's count, mean and sum of squared deviations (merged with Chan's formula, as
-stable as Welford's), a second merges them and normalises. The backward pass is the same two-step shape.
+Each program reads whole pixels (every channel of a run of pixels of one sample), so a channels-last
+tensor is read in full contiguous rows; each sample is split over several programs (and at small batches
+each pixel's channels by whole groups too) so a batch-1 tensor still fills the GPU. A first kernel keeps a running mean and sum of squared deviations (Welford's) at each
+position of its tile, with no reduction inside the loop, then merges them (Chan's formula) per channel and,
+through a scratch row of its own, per group, and writes those; a second merges every program's and
+normalises. The backward pass is the same two-step shape.
 Statistics, scale and shift are fp32; the output has the input's dtype, as PyTorch's kernel gives.
 """
 
@@ -34,8 +37,12 @@ except ImportError:  # CPU installs: the plain GroupNorm runs
 log = logging.getLogger(__name__)
 
 HALF = (torch.bfloat16, torch.float16)
-TARGET_PROGRAMS = 512  # programs per launch: a few per SM, so one sample's 32 groups still fill the GPU
-TILE = 2048  # elements each program loads at a time
+TARGET_PROGRAMS = 512  # programs per launch: a few per SM, so a batch-1 image still fills the GPU
+TILE = 4096  # elements each program loads at a time (whole pixels: every channel of a few); measured best
+MAX_SPLITS = 64  # programs per sample at most: each reads all its sample's partial statistics
+MAX_CHANNELS = 4096  # one pixel's channels fit one tile (SDXL's widest: 2560)
+MIN_RUN = 64  # channels a program reads of each pixel at least (128 contiguous bytes in bf16)
+WARPS = 4
 MIN_CAPABILITY = (7, 0)  # Triton's oldest GPUs
 
 
@@ -66,9 +73,10 @@ def supports(index: int) -> bool:
 
 def applies(x: torch.Tensor, weight: torch.Tensor | None, any_layout: bool = False) -> bool:
     """Whether `group_norm` takes this call: a non-empty 4-D channels-last (or with `any_layout`,
-    contiguous too) half-precision tensor on a GPU Triton supports, parameters of its dtype (or none),
-    outside torch.compile (which fuses the norm itself)."""
-    if not (available() and x.is_cuda and x.dim() == 4 and x.dtype in HALF and x.numel() > 0):
+    contiguous too) half-precision tensor of at most MAX_CHANNELS channels on a GPU Triton supports,
+    parameters of its dtype (or none), outside torch.compile (which fuses the norm itself)."""
+    if not (available() and x.is_cuda and x.dim() == 4 and x.dtype in HALF and x.numel() > 0
+            and x.shape[1] <= MAX_CHANNELS):
         return False
     layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() or (
         any_layout and x.is_contiguous())
@@ -76,13 +84,19 @@ def applies(x: torch.Tensor, weight: torch.Tensor | None, any_layout: bool = Fal
             and not torch.compiler.is_compiling() and supports(x.device.index or 0))
 
 
-def _plan(n: int, groups: int, rows: int, cg: int) -> tuple[int, int, int, int]:
-    """(splits per group, rows per split, tile rows, tile columns)."""
-    block_c = triton.next_power_of_2(cg)
+def _plan(n: int, rows: int, c: int, groups: int) -> tuple[int, int, int, int, int]:
+    """(splits per sample, rows per split, tile rows, tile columns, groups per program). A small batch that
+    would leave the GPU short of programs splits each pixel's channels too, by whole groups, down to
+    MIN_RUN channels per program."""
+    cg, gpp = c // groups, groups
+    while n * min(math.ceil(rows / max(1, TILE // triton.next_power_of_2(gpp * cg))), MAX_SPLITS) * (
+            groups // gpp) < TARGET_PROGRAMS and gpp % 2 == 0 and gpp // 2 * cg >= MIN_RUN:
+        gpp //= 2
+    block_c = triton.next_power_of_2(gpp * cg)
     block_r = max(1, TILE // block_c)
-    splits = max(1, min(math.ceil(TARGET_PROGRAMS / (n * groups)), math.ceil(rows / block_r), 64))
+    splits = max(1, min(math.ceil(TARGET_PROGRAMS * gpp / (n * groups)), math.ceil(rows / block_r), MAX_SPLITS))
     per = math.ceil(math.ceil(rows / splits) / block_r) * block_r
-    return math.ceil(rows / per), per, block_r, block_c
+    return math.ceil(rows / per), per, block_r, block_c, gpp
 
 
 def _view(t: torch.Tensor) -> tuple[int, int, int]:
@@ -99,63 +113,98 @@ def _mergeable(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _stats(X, PART, total, rows, cg, groups, s_n, s_r, s_c, per, splits,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        s = tl.program_id(1)
-        n = pid // groups
-        cols = tl.arange(0, BLOCK_C)
-        cmask = cols < cg
-        base = X + n.to(tl.int64) * s_n + ((pid % groups) * cg + cols).to(tl.int64)[None, :] * s_c
-        r_start = s * per
-        r_end = tl.minimum(r_start + per, rows)
-        cnt = 0.0
-        mean = 0.0
-        m2 = 0.0
-        for r0 in range(r_start, r_end, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            mask = (r < r_end)[:, None] & cmask[None, :]
-            v = tl.load(base + r.to(tl.int64)[:, None] * s_r, mask=mask, other=0.0).to(tl.float32)
-            nt = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
-            mt = tl.sum(tl.sum(v, axis=1), axis=0) / nt
-            d = tl.where(mask, v - mt, 0.0)
-            tot = cnt + nt
-            delta = mt - mean
-            mean = mean + delta * (nt / tot)
-            m2 = m2 + tl.sum(tl.sum(d * d, axis=1), axis=0) + delta * delta * (cnt * nt / tot)
-            cnt = tot
-        off = pid * splits + s
-        tl.store(PART + off, cnt)
-        tl.store(PART + total + off, mean)
-        tl.store(PART + 2 * total + off, m2)
+    def _channels(gpp, CG: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's channels (its block of `gpp` whole groups) and their mask."""
+        local = tl.arange(0, BLOCK_C)
+        return tl.program_id(2) * gpp * CG + local, local < gpp * CG
 
     @triton.jit
-    def _normalise(X, Y, W, B, PART, MEAN, RSTD, total, rows, cg, groups, s_n, s_r, s_c, y_n, y_r, y_c,
-                   per, splits, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-        pid = tl.program_id(0)
+    def _groups(gpp, BLOCK_G: tl.constexpr):
+        """This program's groups and their mask."""
+        local = tl.arange(0, BLOCK_G)
+        return tl.program_id(2) * gpp + local, local < gpp
+
+    @triton.jit
+    def _stats(X, PART, CHAN, total, rows, c, groups, gpp, s_n, s_r, s_c, per, splits, CG: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+        n = tl.program_id(0)
         s = tl.program_id(1)
-        n = pid // groups
+        ch, cmask = _channels(gpp, CG, BLOCK_C)
+        base = X + n.to(tl.int64) * s_n + ch.to(tl.int64)[None, :] * s_c
+        r_start = s * per
+        r_end = tl.minimum(r_start + per, rows)
+        # Welford per tile position (row slot, channel): no reduction inside the loop
+        cnt = tl.zeros([BLOCK_R], tl.float32)
+        mean = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        m2 = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+        for r0 in range(r_start, r_end, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rmask = r < r_end
+            mask = rmask[:, None] & cmask[None, :]
+            v = tl.load(base + r.to(tl.int64)[:, None] * s_r, mask=mask, other=0.0).to(tl.float32)
+            cnt = cnt + rmask.to(tl.float32)
+            delta = tl.where(mask, v - mean, 0.0)
+            mean = mean + delta / tl.maximum(cnt, 1.0)[:, None]
+            m2 = m2 + delta * tl.where(mask, v - mean, 0.0)
+        # merge the row slots (Chan), then each group's channels through this program's scratch row
+        total_cnt = tl.sum(cnt, axis=0)
+        mean_c = tl.sum(mean * cnt[:, None], axis=0) / total_cnt
+        dev = mean - mean_c[None, :]
+        m2_c = tl.sum(m2 + dev * dev * cnt[:, None], axis=0)
+        row = CHAN + (n * splits + s).to(tl.int64) * 2 * c
+        tl.store(row + ch, mean_c, mask=cmask)
+        tl.store(row + c + ch, m2_c, mask=cmask)
+        tl.debug_barrier()
+        g, gin = _groups(gpp, BLOCK_G)
+        j = tl.arange(0, BLOCK_CG)
+        gmask = gin[:, None] & (j < CG)[None, :]
+        at = g[:, None] * CG + j[None, :]
+        mean_gc = tl.load(row + at, mask=gmask, other=0.0)
+        g_mean = tl.sum(mean_gc, axis=1) / CG
+        dev_g = tl.where(gmask, mean_gc - g_mean[:, None], 0.0)
+        g_m2 = tl.sum(tl.load(row + c + at, mask=gmask, other=0.0), axis=1) + total_cnt * tl.sum(dev_g * dev_g, axis=1)
+        off = (n * groups + g) * splits + s
+        out = gin
+        tl.store(PART + off, tl.zeros([BLOCK_G], tl.float32) + total_cnt * CG, mask=out)
+        tl.store(PART + total + off, g_mean, mask=out)
+        tl.store(PART + 2 * total + off, g_m2, mask=out)
+
+    @triton.jit
+    def _group_sums(PART, total, n, groups, gpp, splits, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+        """The [splits, groups] tile of sample `n`'s partials at PART and PART + total, and their sums per
+        group, with the 2D masks."""
         k = tl.arange(0, BLOCK_S)
-        kmask = k < splits
-        c_i = tl.load(PART + pid * splits + k, mask=kmask, other=0.0)
-        mean_i = tl.load(PART + total + pid * splits + k, mask=kmask, other=0.0)
-        m2_i = tl.load(PART + 2 * total + pid * splits + k, mask=kmask, other=0.0)
+        g, gin = _groups(gpp, BLOCK_G)
+        mask = (k < splits)[:, None] & gin[None, :]
+        at = (n * groups + g)[None, :] * splits + k[:, None]
+        a = tl.load(PART + at, mask=mask, other=0.0)
+        b = tl.load(PART + total + at, mask=mask, other=0.0)
+        return a, b, mask, at
+
+    @triton.jit
+    def _normalise(X, Y, W, B, PART, MEAN, RSTD, total, rows, c, groups, gpp, s_n, s_r, s_c, y_n, y_r, y_c,
+                   per, splits, eps, CG: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_G: tl.constexpr):
+        n = tl.program_id(0)
+        s = tl.program_id(1)
+        # every program of the sample merges the same partials into the same statistics and stores them
+        c_i, mean_i, kg_mask, at = _group_sums(PART, total, n, groups, gpp, splits, BLOCK_G, BLOCK_S)
+        m2_i = tl.load(PART + 2 * total + at, mask=kg_mask, other=0.0)
         cnt = tl.sum(c_i, axis=0)
-        mean = tl.sum(c_i * mean_i, axis=0) / cnt
-        d = mean_i - mean
-        rstd = 1.0 / tl.sqrt(tl.sum(m2_i + c_i * d * d, axis=0) / cnt + eps)
-        tl.store(MEAN + pid, mean, mask=s == 0)
-        tl.store(RSTD + pid, rstd, mask=s == 0)
-        cols = tl.arange(0, BLOCK_C)
-        cmask = cols < cg
-        ch = (pid % groups) * cg + cols
-        scale = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
-        if HAS_W:
-            scale = scale * tl.load(W + ch, mask=cmask, other=0.0).to(tl.float32)
-        shift = -mean * scale
-        if HAS_B:
-            shift = shift + tl.load(B + ch, mask=cmask, other=0.0).to(tl.float32)
+        g_mean = tl.sum(c_i * mean_i, axis=0) / tl.maximum(cnt, 1.0)
+        d = tl.where(kg_mask, mean_i - g_mean[None, :], 0.0)
+        g_rstd = 1.0 / tl.sqrt(tl.sum(m2_i + c_i * d * d, axis=0) / tl.maximum(cnt, 1.0) + eps)
+        g, gin = _groups(gpp, BLOCK_G)
+        tl.store(MEAN + n * groups + g, g_mean, mask=gin)
+        tl.store(RSTD + n * groups + g, g_rstd, mask=gin)
+        tl.debug_barrier()
+        ch, cmask = _channels(gpp, CG, BLOCK_C)
+        mean = tl.load(MEAN + n * groups + ch // CG, mask=cmask, other=0.0)
+        rstd = tl.load(RSTD + n * groups + ch // CG, mask=cmask, other=0.0)
+        w, b = _params(W, B, ch, cmask, HAS_W, HAS_B, BLOCK_C)
+        scale = rstd * w
+        shift = b - mean * scale
         src = X + n.to(tl.int64) * s_n + ch.to(tl.int64)[None, :] * s_c
         dst = Y + n.to(tl.int64) * y_n + ch.to(tl.int64)[None, :] * y_c
         r_start = s * per
@@ -189,22 +238,20 @@ if triton is not None:
         return w, b
 
     @triton.jit
-    def _grad_sums(X, DY, W, B, MEAN, RSTD, PART, DWB, total, rows, cg, groups, channels,
-                   s_n, s_r, s_c, d_n, d_r, d_c, per, splits, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                   SILU: tl.constexpr, PARAM_GRADS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
+    def _grad_sums(X, DY, W, B, MEAN, RSTD, PART, DWB, total, rows, c, groups, gpp,
+                   s_n, s_r, s_c, d_n, d_r, d_c, per, splits, CG: tl.constexpr, HAS_W: tl.constexpr,
+                   HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr):
+        n = tl.program_id(0)
         s = tl.program_id(1)
-        n = pid // groups
-        cols = tl.arange(0, BLOCK_C)
-        cmask = cols < cg
-        ch = (pid % groups) * cg + cols
-        mean = tl.load(MEAN + pid)
-        rstd = tl.load(RSTD + pid)
+        ch, cmask = _channels(gpp, CG, BLOCK_C)
+        mean = tl.load(MEAN + n * groups + ch // CG, mask=cmask, other=0.0)
+        rstd = tl.load(RSTD + n * groups + ch // CG, mask=cmask, other=0.0)
         w, b = _params(W, B, ch, cmask, HAS_W, HAS_B, BLOCK_C)
         xs = X + n.to(tl.int64) * s_n + ch.to(tl.int64)[None, :] * s_c
         ds = DY + n.to(tl.int64) * d_n + ch.to(tl.int64)[None, :] * d_c
-        sum_a = tl.zeros([BLOCK_C], tl.float32)  # per channel: sum of dy, and of dy * xhat
-        sum_b = tl.zeros([BLOCK_C], tl.float32)
+        acc_a = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)  # per tile position: sum of dy, and of dy * xhat
+        acc_b = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
         r_start = s * per
         r_end = tl.minimum(r_start + per, rows)
         for r0 in range(r_start, r_end, BLOCK_R):
@@ -212,36 +259,46 @@ if triton is not None:
             mask = (r < r_end)[:, None] & cmask[None, :]
             x = tl.load(xs + r[:, None] * s_r, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(ds + r[:, None] * d_r, mask=mask, other=0.0).to(tl.float32)
-            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
             dy = _silu_grad(dy, xhat, w, b, SILU)
-            sum_a += tl.sum(dy, axis=0)
-            sum_b += tl.sum(dy * xhat, axis=0)
-        off = pid * splits + s
-        tl.store(PART + off, tl.sum(sum_a * w, axis=0))
-        tl.store(PART + total + off, tl.sum(sum_b * w, axis=0))
-        if PARAM_GRADS:  # per (sample, split) rows of dweight and dbias partials, summed on the host side
-            row = (n * splits + s).to(tl.int64) * 2 * channels
-            tl.store(DWB + row + ch, sum_b, mask=cmask)
-            tl.store(DWB + row + channels + ch, sum_a, mask=cmask)
+            acc_a += dy
+            acc_b += dy * xhat
+        # per channel (also the weight's and bias's gradient partials), then per group through that row
+        row = DWB + (n * splits + s).to(tl.int64) * 2 * c
+        tl.store(row + ch, tl.sum(acc_b, axis=0), mask=cmask)
+        tl.store(row + c + ch, tl.sum(acc_a, axis=0), mask=cmask)
+        tl.debug_barrier()
+        g, gin = _groups(gpp, BLOCK_G)
+        j = tl.arange(0, BLOCK_CG)
+        gmask = gin[:, None] & (j < CG)[None, :]
+        at = g[:, None] * CG + j[None, :]
+        w_gc = tl.full([BLOCK_G, BLOCK_CG], 1.0, tl.float32)
+        if HAS_W:
+            w_gc = tl.load(W + at, mask=gmask, other=0.0).to(tl.float32)
+        off = (n * groups + g) * splits + s
+        out = gin
+        tl.store(PART + off, tl.sum(tl.load(row + c + at, mask=gmask, other=0.0) * w_gc, axis=1), mask=out)
+        tl.store(PART + total + off, tl.sum(tl.load(row + at, mask=gmask, other=0.0) * w_gc, axis=1), mask=out)
 
     @triton.jit
-    def _grad_input(X, DY, DX, W, B, MEAN, RSTD, PART, total, rows, cg, groups,
-                    s_n, s_r, s_c, d_n, d_r, d_c, o_n, o_r, o_c, per, splits, HAS_W: tl.constexpr,
-                    HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BLOCK_S: tl.constexpr):
-        pid = tl.program_id(0)
+    def _grad_input(X, DY, DX, W, B, MEAN, RSTD, PART, MEANS, total, rows, c, groups, gpp,
+                    s_n, s_r, s_c, d_n, d_r, d_c, o_n, o_r, o_c, per, splits, CG: tl.constexpr,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+        n = tl.program_id(0)
         s = tl.program_id(1)
-        n = pid // groups
-        k = tl.arange(0, BLOCK_S)
-        kmask = k < splits
-        count = (rows * cg).to(tl.float32)
-        mean_a = tl.sum(tl.load(PART + pid * splits + k, mask=kmask, other=0.0), axis=0) / count
-        mean_b = tl.sum(tl.load(PART + total + pid * splits + k, mask=kmask, other=0.0), axis=0) / count
-        mean = tl.load(MEAN + pid)
-        rstd = tl.load(RSTD + pid)
-        cols = tl.arange(0, BLOCK_C)
-        cmask = cols < cg
-        ch = (pid % groups) * cg + cols
+        # each group's mean of w * dy and of w * dy * xhat, stored alike by every program of the sample
+        a_i, b_i, _, _ = _group_sums(PART, total, n, groups, gpp, splits, BLOCK_G, BLOCK_S)
+        count = (rows * CG).to(tl.float32)
+        g, gin = _groups(gpp, BLOCK_G)
+        tl.store(MEANS + (2 * n) * groups + g, tl.sum(a_i, axis=0) / count, mask=gin)
+        tl.store(MEANS + (2 * n + 1) * groups + g, tl.sum(b_i, axis=0) / count, mask=gin)
+        tl.debug_barrier()
+        ch, cmask = _channels(gpp, CG, BLOCK_C)
+        mean_a = tl.load(MEANS + (2 * n) * groups + ch // CG, mask=cmask, other=0.0)
+        mean_b = tl.load(MEANS + (2 * n + 1) * groups + ch // CG, mask=cmask, other=0.0)
+        mean = tl.load(MEAN + n * groups + ch // CG, mask=cmask, other=0.0)
+        rstd = tl.load(RSTD + n * groups + ch // CG, mask=cmask, other=0.0)
         w, b = _params(W, B, ch, cmask, HAS_W, HAS_B, BLOCK_C)
         xs = X + n.to(tl.int64) * s_n + ch.to(tl.int64)[None, :] * s_c
         ds = DY + n.to(tl.int64) * d_n + ch.to(tl.int64)[None, :] * d_c
@@ -253,9 +310,9 @@ if triton is not None:
             mask = (r < r_end)[:, None] & cmask[None, :]
             x = tl.load(xs + r[:, None] * s_r, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(ds + r[:, None] * d_r, mask=mask, other=0.0).to(tl.float32)
-            xhat = (x - mean) * rstd
+            xhat = (x - mean[None, :]) * rstd[None, :]
             dy = _silu_grad(dy, xhat, w, b, SILU)
-            dx = rstd * (dy * w[None, :] - mean_a - xhat * mean_b)
+            dx = rstd[None, :] * (dy * w[None, :] - mean_a[None, :] - xhat * mean_b[None, :])
             tl.store(os + r[:, None] * o_r, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -264,17 +321,21 @@ class _GroupNormNHWC(torch.autograd.Function):
     def forward(ctx, x, groups, weight, bias, eps, silu):
         n, c, h, w = x.shape
         rows, cg = h * w, c // groups
-        splits, per, block_r, block_c = _plan(n, groups, rows, cg)
+        splits, per, block_r, block_c, gpp = _plan(n, rows, c, groups)
         total = n * groups * splits
         part = torch.empty(3 * total, device=x.device, dtype=torch.float32)
+        chan = torch.empty(n * splits, 2, c, device=x.device, dtype=torch.float32)  # each program's scratch row
         stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
         y = torch.empty_like(x)
-        grid = (n * groups, splits)
-        _stats[grid](x, part, total, rows, cg, groups, *_view(x), per, splits, BLOCK_R=block_r, BLOCK_C=block_c)
+        grid = (n, splits, groups // gpp)
+        sizes = dict(CG=cg, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(gpp),
+                     num_warps=WARPS)
+        _stats[grid](x, part, chan, total, rows, c, groups, gpp, *_view(x), per, splits,
+                     BLOCK_CG=triton.next_power_of_2(cg), **sizes)
         _normalise[grid](x, y, weight if weight is not None else x, bias if bias is not None else x, part,
-                         stats[0], stats[1], total, rows, cg, groups, *_view(x), *_view(y), per, splits, eps,
-                         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_R=block_r,
-                         BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(splits))
+                         stats[0], stats[1], total, rows, c, groups, gpp, *_view(x), *_view(y), per, splits, eps,
+                         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
+                         BLOCK_S=triton.next_power_of_2(splits), **sizes)
         ctx.save_for_backward(x, weight, bias if silu else None, stats)  # the bias only to recompute the SiLU's input
         ctx.groups, ctx.silu, ctx.has_bias = groups, silu, bias is not None
         return y
@@ -283,35 +344,34 @@ class _GroupNormNHWC(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
-        has_bias = ctx.has_bias
         n, c, h, w = x.shape
         if not _mergeable(dy):  # rare: give it a layout whose pixels are one index
             dy = dy.contiguous(memory_format=torch.channels_last)
         groups = ctx.groups
         rows, cg = h * w, c // groups
-        splits, per, block_r, block_c = _plan(n, groups, rows, cg)
+        splits, per, block_r, block_c, gpp = _plan(n, rows, c, groups)
         total = n * groups * splits
-        param_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         part = torch.empty(2 * total, device=x.device, dtype=torch.float32)
-        dwb = torch.empty(n * splits, 2, c, device=x.device, dtype=torch.float32) if param_grads else part
-        grid = (n * groups, splits)
+        dwb = torch.empty(n * splits, 2, c, device=x.device, dtype=torch.float32)  # per program: dweight, dbias
+        grid = (n, splits, groups // gpp)
         w_arg, b_arg = (weight if weight is not None else x), (bias if bias is not None else x)
-        flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, SILU=ctx.silu)
-        _grad_sums[grid](x, dy, w_arg, b_arg, stats[0], stats[1], part, dwb, total, rows, cg, groups, c,
-                         *_view(x), *_view(dy), per, splits, **flags, PARAM_GRADS=param_grads,
-                         BLOCK_R=block_r, BLOCK_C=block_c)
+        flags = dict(CG=cg, HAS_W=weight is not None, HAS_B=bias is not None, SILU=ctx.silu, BLOCK_R=block_r,
+                     BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(gpp), num_warps=WARPS)
+        _grad_sums[grid](x, dy, w_arg, b_arg, stats[0], stats[1], part, dwb, total, rows, c, groups, gpp,
+                         *_view(x), *_view(dy), per, splits, BLOCK_CG=triton.next_power_of_2(cg), **flags)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
-            _grad_input[grid](x, dy, dx, w_arg, b_arg, stats[0], stats[1], part, total, rows, cg, groups,
-                              *_view(x), *_view(dy), *_view(dx), per, splits, **flags, BLOCK_R=block_r,
-                              BLOCK_C=block_c, BLOCK_S=triton.next_power_of_2(splits))
+            means = torch.empty(2 * n * groups, device=x.device, dtype=torch.float32)
+            _grad_input[grid](x, dy, dx, w_arg, b_arg, stats[0], stats[1], part, means, total, rows, c, groups, gpp,
+                              *_view(x), *_view(dy), *_view(dx), per, splits,
+                              BLOCK_S=triton.next_power_of_2(splits), **flags)
         dweight = dbias = None
-        if param_grads:
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             sums = dwb.sum(0)
             if weight is not None and ctx.needs_input_grad[2]:
                 dweight = sums[0].to(weight.dtype)
-            if has_bias and ctx.needs_input_grad[3]:
+            if ctx.has_bias and ctx.needs_input_grad[3]:
                 dbias = sums[1].to(x.dtype)
         return dx, None, dweight, dbias, None, None
 

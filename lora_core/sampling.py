@@ -51,7 +51,7 @@ def cached_model(base: str, device: str = "auto") -> LoadedModel:
         if dev.type == "cuda":
             model.pipe.to(dtype=torch.bfloat16)
             model.unet.to(memory_format=torch.channels_last)  # cuDNN's layout: ~10% faster sampling
-            use_half_norms(model.unet, nhwc=True)  # and GroupNorms that keep it (lora_core/nhwc_norm.py)
+            use_half_norms(model.unet, nhwc=True, rows=True)  # GroupNorms that keep it (nhwc_norm.py), LayerNorm kernels
             keep_channels_last(model.unet)
             use_fused_geglu(model.unet)  # one kernel for the feed-forward's gate (lora_core/geglu.py)
             use_lean_resnets(model.unet)  # fewer passes per ResNet block (lora_core/lean_resnet.py)

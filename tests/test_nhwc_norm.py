@@ -20,7 +20,7 @@ from lora_core import nhwc_norm
 CHECK = textwrap.dedent("""
     import torch, torch.nn.functional as F
     from lora_core import nhwc_norm
-    nhwc_norm.TILE, nhwc_norm.TARGET_PROGRAMS = 64, 16  # several tiles per program, several programs per group
+    nhwc_norm.TILE = 64  # several tiles per program, several programs per sample
     torch.manual_seed(0)
 
     def layout(t, kind):
@@ -37,8 +37,16 @@ CHECK = textwrap.dedent("""
              ((1, 40, 9, 9), 4, "nchw", "wb", "hw_swapped"), ((3, 8, 13, 11), 2, "cl", "", "cl"),
              ((1, 6, 30, 31), 3, "cl", "b", "cl"), ((2, 8, 37, 1), 4, "w1", "wb", "cl"),
              ((2, 8, 1, 37), 1, "cl", "w", "cl")]
-    for dtype, silu in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)):
+    # (programs wanted, fewest channels per program): whole pixels; then pixels split by groups as well
+    settings = [(16, 64, dtype, silu) for dtype in (torch.float32, torch.bfloat16) for silu in (False, True)]
+    settings += [(256, 2, torch.float32, True)]
+    for target, min_run, dtype, silu in settings:
+        nhwc_norm.TARGET_PROGRAMS, nhwc_norm.MIN_RUN = target, min_run
         for shape, groups, x_kind, params, g_kind in cases:
+            if min_run == 2:
+                assert nhwc_norm._plan(shape[0], shape[2] * shape[3], shape[1], groups)[4] < groups or groups % 2
+            else:
+                assert nhwc_norm._plan(shape[0], shape[2] * shape[3], shape[1], groups)[4] == groups
             x = layout((torch.randn(shape) * 3 + 5).to(dtype), x_kind)  # a mean far from zero
             x.requires_grad_()
             w = (torch.randn(shape[1]) + 1).to(dtype).requires_grad_() if "w" in params else None
