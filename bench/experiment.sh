@@ -31,7 +31,8 @@
 #                                          against the previous commit's tree (unpacked in .prev), SD1.5 batch
 #                                          16 and 1, interleaved; and (beside OUT) bench/norms.py at SD1.5 16, 1, SDXL 4
 #   bench/experiment.sh stop OUT.jsonl     a stop's figures in one call: the 3,000-sample job, a lone preview, SDXL
-#                                          batch 4 and SD1.5 batch 1 and 16, each with its reference
+#                                          batch 4 and SD1.5 batch 1 and 16, each with its reference, and
+#                                          the gradient-checkpointing peaks (SD1.5 and SDXL batch 1)
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
@@ -131,13 +132,15 @@ case $which in
     done ;;
   stop)
     row bench/job.py
-    row bench/preview_lone.py --grouped --nhwc-norms --geglu --lean --rows unmerged_channels_last
+    row bench/preview_lone.py --grouped --nhwc-norms --geglu --lean --layer-norm --rows unmerged_channels_last
     row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
     row bench/reference.py --model full:sdxl --batch 4 --warmup 5 --steps 10
     row bench/reference.py --model full:sd15 --batch 1
     row bench/ours.py --batch 1
     row bench/reference.py --model full:sd15 --batch 16
-    row bench/ours.py --batch 16 ;;
+    row bench/ours.py --batch 16
+    row bench/ours.py --batch 1 --gc
+    row bench/ours.py --model full:sdxl --batch 1 --gc --warmup 10 --steps 10 ;;
   preview)
     for _ in 1 2; do
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last

@@ -5,12 +5,13 @@ merged into the base weights (`merge=True`), with the sampling UNet replayed fro
 compiled (`sampling.compile`; `compile_s` holds each compiled row's first call, mostly compiling).
 Prints one JSON line per row, medians of `--repeat` images in seconds, as each row finishes.
 
-    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...] [--grouped] [--nhwc-norms] [--geglu] [--lean] [--no-copy]
+    python bench/preview_lone.py [--rows unmerged,unmerged_compiled,...] [--grouped] [--nhwc-norms] [--geglu] [--lean] [--layer-norm] [--no-copy]
 
 `--grouped` groups the attention projections first, as a training run does (`performance.fused_projections`);
 `--nhwc-norms` gives channels-last rows the GroupNorm kernels that keep the layout (`performance.nhwc_norms`);
 `--geglu` gives the feed-forward the fused GEGLU kernels (`performance.fused_geglu`);
-`--lean` gives the ResNet blocks the lean forward (`performance.lean_resnets`).
+`--lean` gives the ResNet blocks the lean forward (`performance.lean_resnets`);
+`--layer-norm` gives the transformer blocks the LayerNorm kernels (`performance.fast_layer_norm`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--nhwc-norms", action="store_true", help="GroupNorm kernels that keep channels-last")
     ap.add_argument("--geglu", action="store_true", help="the fused GEGLU kernels (performance.fused_geglu)")
     ap.add_argument("--lean", action="store_true", help="the lean ResNet blocks (performance.lean_resnets)")
+    ap.add_argument("--layer-norm", action="store_true", help="the LayerNorm kernels (fast_layer_norm)")
     ap.add_argument("--no-copy", action="store_true", help="no working copy of the adapters (adapter_copy off)")
     a = ap.parse_args()
     rows = a.rows.split(",")
@@ -53,7 +55,7 @@ def main() -> None:
         torch.nn.init.normal_(m.lora_up.weight, std=1e-3)
     if a.grouped:
         fuse_projections(model.unet)
-    use_half_norms(model.unet, nhwc=a.nhwc_norms)
+    use_half_norms(model.unet, nhwc=a.nhwc_norms, rows=a.layer_norm)
     if a.nhwc_norms:
         keep_channels_last(model.unet)
     if a.geglu:
