@@ -172,12 +172,14 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def _probe(like: torch.Tensor) -> None:
-    """Build and run both kernels on a small tensor of `like`'s device and dtype, launched directly rather
-    than through autograd (a probe that saved tensors would join an enclosing gradient checkpoint's
-    recording, which its recomputation would then not match)."""
+    """Build and run both kernels, with and without parameters, on a small tensor of `like`'s device and
+    dtype, launched directly rather than through autograd (a probe that saved tensors would join an
+    enclosing gradient checkpoint's recording, which its recomputation would then not match)."""
     x = torch.zeros(16, 16, device=like.device, dtype=like.dtype)
-    _, mean, rstd = _launch_forward(x, None, None, 1e-5)
-    _launch_backward(x, x, None, mean, rstd, False)
+    ones = torch.ones(16, device=like.device, dtype=like.dtype)
+    for weight, param_grads in ((None, False), (ones, True)):  # the variants with and without parameters
+        _, mean, rstd = _launch_forward(x, weight, weight, 1e-5)
+        _launch_backward(x, x, weight, mean, rstd, param_grads)
 
 
 def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None,

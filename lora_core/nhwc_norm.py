@@ -281,7 +281,7 @@ if triton is not None:
         tl.store(PART + total + off, tl.sum(tl.load(row + at, mask=gmask, other=0.0) * w_gc, axis=1), mask=out)
 
     @triton.jit
-    def _grad_input(X, DY, DX, W, B, MEAN, RSTD, PART, MEANS, total, rows, c, groups, gpp,
+    def _grad_input(X, DY, DX, W, B, MEAN, RSTD, PART, MEANS, total, rows, inv_count, c, groups, gpp,
                     s_n, s_r, s_c, d_n, d_r, d_c, o_n, o_r, o_c, per, splits, CG: tl.constexpr,
                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -289,10 +289,9 @@ if triton is not None:
         s = tl.program_id(1)
         # each group's mean of w * dy and of w * dy * xhat, stored alike by every program of the sample
         a_i, b_i, _, _ = _group_sums(PART, total, n, groups, gpp, splits, BLOCK_G, BLOCK_S)
-        count = (rows * CG).to(tl.float32)
-        g, gin = _groups(gpp, BLOCK_G)
-        tl.store(MEANS + (2 * n) * groups + g, tl.sum(a_i, axis=0) / count, mask=gin)
-        tl.store(MEANS + (2 * n + 1) * groups + g, tl.sum(b_i, axis=0) / count, mask=gin)
+        g, gin = _groups(gpp, BLOCK_G)  # inv_count: 1 / (rows * CG), from the host (rows may be a constant 1)
+        tl.store(MEANS + (2 * n) * groups + g, tl.sum(a_i, axis=0) * inv_count, mask=gin)
+        tl.store(MEANS + (2 * n + 1) * groups + g, tl.sum(b_i, axis=0) * inv_count, mask=gin)
         tl.debug_barrier()
         ch, cmask = _channels(gpp, CG, BLOCK_C)
         mean_a = tl.load(MEANS + (2 * n) * groups + ch // CG, mask=cmask, other=0.0)
@@ -316,64 +315,87 @@ if triton is not None:
             tl.store(os + r[:, None] * o_r, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+def _launch_forward(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernels: the output and the [2, N*groups] fp32 means and reciprocal deviations."""
+    n, c, h, w = x.shape
+    rows, cg = h * w, c // groups
+    splits, per, block_r, block_c, gpp = _plan(n, rows, c, groups)
+    total = n * groups * splits
+    part = torch.empty(3 * total, device=x.device, dtype=torch.float32)
+    chan = torch.empty(n * splits, 2, c, device=x.device, dtype=torch.float32)  # each program's scratch row
+    stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    grid = (n, splits, groups // gpp)
+    sizes = dict(CG=cg, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(gpp), num_warps=WARPS)
+    _stats[grid](x, part, chan, total, rows, c, groups, gpp, *_view(x), per, splits,
+                 BLOCK_CG=triton.next_power_of_2(cg), **sizes)
+    _normalise[grid](x, y, weight if weight is not None else x, bias if bias is not None else x, part,
+                     stats[0], stats[1], total, rows, c, groups, gpp, *_view(x), *_view(y), per, splits, eps,
+                     HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
+                     BLOCK_S=triton.next_power_of_2(splits), **sizes)
+    return y, stats
+
+
+def _launch_backward(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     stats: torch.Tensor, groups: int, silu: bool,
+                     input_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The backward kernels: the input's gradient (if `input_grad`) and each program's fp32 partials of the
+    weight's and bias's gradients, [programs, 2, C]. `bias` is needed only to recompute the SiLU's input."""
+    n, c, h, w = x.shape
+    rows, cg = h * w, c // groups
+    splits, per, block_r, block_c, gpp = _plan(n, rows, c, groups)
+    total = n * groups * splits
+    part = torch.empty(2 * total, device=x.device, dtype=torch.float32)
+    dwb = torch.empty(n * splits, 2, c, device=x.device, dtype=torch.float32)  # per program: dweight, dbias
+    grid = (n, splits, groups // gpp)
+    w_arg, b_arg = (weight if weight is not None else x), (bias if bias is not None else x)
+    flags = dict(CG=cg, HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_R=block_r,
+                 BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(gpp), num_warps=WARPS)
+    _grad_sums[grid](x, dy, w_arg, b_arg, stats[0], stats[1], part, dwb, total, rows, c, groups, gpp,
+                     *_view(x), *_view(dy), per, splits, BLOCK_CG=triton.next_power_of_2(cg), **flags)
+    dx = None
+    if input_grad:
+        dx = torch.empty_like(x)
+        means = torch.empty(2 * n * groups, device=x.device, dtype=torch.float32)
+        _grad_input[grid](x, dy, dx, w_arg, b_arg, stats[0], stats[1], part, means, total, rows,
+                          1.0 / (rows * cg), c, groups, gpp, *_view(x), *_view(dy), *_view(dx), per, splits,
+                          BLOCK_S=triton.next_power_of_2(splits), **flags)
+    return dx, dwb
+
+
 class _GroupNormNHWC(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, groups, weight, bias, eps, silu):
-        n, c, h, w = x.shape
-        rows, cg = h * w, c // groups
-        splits, per, block_r, block_c, gpp = _plan(n, rows, c, groups)
-        total = n * groups * splits
-        part = torch.empty(3 * total, device=x.device, dtype=torch.float32)
-        chan = torch.empty(n * splits, 2, c, device=x.device, dtype=torch.float32)  # each program's scratch row
-        stats = torch.empty(2, n * groups, device=x.device, dtype=torch.float32)
-        y = torch.empty_like(x)
-        grid = (n, splits, groups // gpp)
-        sizes = dict(CG=cg, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(gpp),
-                     num_warps=WARPS)
-        _stats[grid](x, part, chan, total, rows, c, groups, gpp, *_view(x), per, splits,
-                     BLOCK_CG=triton.next_power_of_2(cg), **sizes)
-        _normalise[grid](x, y, weight if weight is not None else x, bias if bias is not None else x, part,
-                         stats[0], stats[1], total, rows, c, groups, gpp, *_view(x), *_view(y), per, splits, eps,
-                         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-                         BLOCK_S=triton.next_power_of_2(splits), **sizes)
+        y, stats = _launch_forward(x, groups, weight, bias, eps, silu)
         ctx.save_for_backward(x, weight, bias if silu else None, stats)  # the bias only to recompute the SiLU's input
-        ctx.groups, ctx.silu, ctx.has_bias = groups, silu, bias is not None
+        ctx.groups, ctx.silu, ctx.bias_dtype = groups, silu, bias.dtype if bias is not None else None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, bias, stats = ctx.saved_tensors
-        n, c, h, w = x.shape
         if not _mergeable(dy):  # rare: give it a layout whose pixels are one index
             dy = dy.contiguous(memory_format=torch.channels_last)
-        groups = ctx.groups
-        rows, cg = h * w, c // groups
-        splits, per, block_r, block_c, gpp = _plan(n, rows, c, groups)
-        total = n * groups * splits
-        part = torch.empty(2 * total, device=x.device, dtype=torch.float32)
-        dwb = torch.empty(n * splits, 2, c, device=x.device, dtype=torch.float32)  # per program: dweight, dbias
-        grid = (n, splits, groups // gpp)
-        w_arg, b_arg = (weight if weight is not None else x), (bias if bias is not None else x)
-        flags = dict(CG=cg, HAS_W=weight is not None, HAS_B=bias is not None, SILU=ctx.silu, BLOCK_R=block_r,
-                     BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(gpp), num_warps=WARPS)
-        _grad_sums[grid](x, dy, w_arg, b_arg, stats[0], stats[1], part, dwb, total, rows, c, groups, gpp,
-                         *_view(x), *_view(dy), per, splits, BLOCK_CG=triton.next_power_of_2(cg), **flags)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)
-            means = torch.empty(2 * n * groups, device=x.device, dtype=torch.float32)
-            _grad_input[grid](x, dy, dx, w_arg, b_arg, stats[0], stats[1], part, means, total, rows, c, groups, gpp,
-                              *_view(x), *_view(dy), *_view(dx), per, splits,
-                              BLOCK_S=triton.next_power_of_2(splits), **flags)
+        dx, dwb = _launch_backward(x, dy, weight, bias, stats, ctx.groups, ctx.silu, ctx.needs_input_grad[0])
         dweight = dbias = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            sums = dwb.sum(0)
-            if weight is not None and ctx.needs_input_grad[2]:
-                dweight = sums[0].to(weight.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[3]:
-                dbias = sums[1].to(x.dtype)
+        sums = dwb.sum(0) if ctx.needs_input_grad[2] or ctx.needs_input_grad[3] else None
+        if weight is not None and ctx.needs_input_grad[2]:
+            dweight = sums[0].to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            dbias = sums[1].to(ctx.bias_dtype)
         return dx, None, dweight, dbias, None, None
+
+
+def _probe(like: torch.Tensor) -> None:
+    """Build and run the forward and backward kernels (weight, bias and SiLU: every branch) on a small tensor
+    of `like`'s device and dtype, launched directly rather than through autograd (a probe that saved tensors
+    would join an enclosing gradient checkpoint's recording, which its recomputation would then not match)."""
+    x = torch.zeros(1, 4, 4, 64, device=like.device, dtype=like.dtype).permute(0, 3, 1, 2)  # channels-last
+    ones = torch.ones(64, device=like.device, dtype=like.dtype)
+    _, stats = _launch_forward(x, 32, ones, ones, 1e-5, True)
+    _launch_backward(x, x, ones, ones, stats, 32, True, True)
 
 
 class NHWCGroupNorm(nn.GroupNorm):
@@ -455,6 +477,7 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
             return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)  # thread sets the tensor's)
     try:  # the first call builds the kernels: a machine without what Triton needs falls back for good
         with on_device(x):
+            _probe(x)
             y = _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)
     except torch.cuda.OutOfMemoryError:
         raise

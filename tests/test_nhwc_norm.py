@@ -5,6 +5,8 @@ GPU compiled, in bf16, at the UNet's shapes; and the UNet's norm modules take th
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -32,7 +34,30 @@ CHECK = textwrap.dedent("""
             return t.transpose(2, 3).contiguous().transpose(2, 3)
         return t.contiguous()
 
-    worst, worst_half = 0.0, 0.0
+    worst = {torch.float32: 0.0, torch.bfloat16: 0.0}
+
+    def check(shape, groups, x_kind, params, g_kind, dtype, silu):
+        x = layout((torch.randn(shape) * 3 + 5).to(dtype), x_kind)  # a mean far from zero
+        x.requires_grad_()
+        w = (torch.randn(shape[1]) + 1).to(dtype).requires_grad_() if "w" in params else None
+        b = torch.randn(shape[1]).to(dtype).requires_grad_() if "b" in params else None
+        y = nhwc_norm.group_norm(x, groups, w, b, 1e-5, silu=silu)
+        assert y.stride() == x.stride(), "the output left the input's layout"
+        assert y.dtype == dtype
+        g = layout(torch.randn(shape).to(dtype), g_kind)
+        ins = [t for t in (x, w, b) if t is not None]
+        got = [y, *torch.autograd.grad(y, ins, g)]
+        assert all(a.dtype == dtype for a in got)
+        ref_in = [t.detach().double().requires_grad_() for t in ins]
+        # PyTorch's CPU backward fails for a bias without a weight: a weight of ones is the same norm
+        rw = ref_in[1] if w is not None else torch.ones(shape[1], dtype=torch.double) if b is not None else None
+        rb = ref_in[-1] if b is not None else None
+        ref = F.group_norm(ref_in[0], groups, rw, rb, eps=1e-5)
+        ref = F.silu(ref) if silu else ref
+        want = [ref, *torch.autograd.grad(ref, ref_in, g.double())]
+        for a, r in zip(got, want, strict=True):
+            worst[dtype] = max(worst[dtype], ((a.double() - r).abs().max() / r.abs().max().clamp_min(1)).item())
+
     cases = [((2, 12, 5, 7), 3, "cl", "wb", "cl"), ((1, 40, 9, 9), 4, "cl", "wb", "nchw"),
              ((1, 40, 9, 9), 4, "nchw", "wb", "hw_swapped"), ((3, 8, 13, 11), 2, "cl", "", "cl"),
              ((1, 6, 30, 31), 3, "cl", "b", "cl"), ((2, 8, 37, 1), 4, "w1", "wb", "cl"),
@@ -47,30 +72,13 @@ CHECK = textwrap.dedent("""
                 assert nhwc_norm._plan(shape[0], shape[2] * shape[3], shape[1], groups)[4] < groups or groups % 2
             else:
                 assert nhwc_norm._plan(shape[0], shape[2] * shape[3], shape[1], groups)[4] == groups
-            x = layout((torch.randn(shape) * 3 + 5).to(dtype), x_kind)  # a mean far from zero
-            x.requires_grad_()
-            w = (torch.randn(shape[1]) + 1).to(dtype).requires_grad_() if "w" in params else None
-            b = torch.randn(shape[1]).to(dtype).requires_grad_() if "b" in params else None
-            y = nhwc_norm.group_norm(x, groups, w, b, 1e-5, silu=silu)
-            assert y.stride() == x.stride(), "the output left the input's layout"
-            assert y.dtype == dtype
-            g = layout(torch.randn(shape).to(dtype), g_kind)
-            ins = [t for t in (x, w, b) if t is not None]
-            got = [y, *torch.autograd.grad(y, ins, g)]
-            assert all(a.dtype == dtype for a in got)
-            ref_in = [t.detach().double().requires_grad_() for t in ins]
-            # PyTorch's CPU backward fails for a bias without a weight: a weight of ones is the same norm
-            rw = ref_in[1] if w is not None else torch.ones(shape[1], dtype=torch.double) if b is not None else None
-            rb = ref_in[-1] if b is not None else None
-            ref = F.group_norm(ref_in[0], groups, rw, rb, eps=1e-5)
-            ref = F.silu(ref) if silu else ref
-            want = [ref, *torch.autograd.grad(ref, ref_in, g.double())]
-            for a, r in zip(got, want, strict=True):
-                err = ((a.double() - r).abs().max() / r.abs().max().clamp_min(1)).item()
-                if dtype == torch.float32:
-                    worst = max(worst, err)
-                else:
-                    worst_half = max(worst_half, err)
+            check(shape, groups, x_kind, params, g_kind, dtype, silu)
+    # several whole groups per program, but not all of them (channels per group not a power of two)
+    for shape, groups, target, min_run, gpp in [((1, 40, 5, 7), 8, 64, 10, 2), ((1, 30, 6, 6), 6, 64, 10, 3)]:
+        nhwc_norm.TARGET_PROGRAMS, nhwc_norm.MIN_RUN = target, min_run
+        assert nhwc_norm._plan(shape[0], shape[2] * shape[3], shape[1], groups)[4] == gpp
+        check(shape, groups, "cl", "wb", "nchw", torch.float32, True)
+    worst, worst_half = worst[torch.float32], worst[torch.bfloat16]
     print("worst", worst, worst_half)
 """)
 
@@ -92,6 +100,24 @@ def test_only_channels_last_half_cuda_tensors_apply():
     assert not nhwc_norm.applies(x.float(), None)
     with pytest.raises(ValueError, match="8 channels do not split into 3 groups"):
         nhwc_norm.group_norm(x, 3, None, None, 1e-5)
+
+
+def test_backward_kernels_that_do_not_build_fall_back_at_the_first_call(monkeypatch, caplog):
+    """The first call builds the backward kernels too, so a machine where only they fail falls back before
+    training starts rather than crashing at its first backward pass."""
+    monkeypatch.setitem(nhwc_norm._state, "worked", False)
+    monkeypatch.setitem(nhwc_norm._state, "failed", False)
+    monkeypatch.setattr(nhwc_norm, "_launch_forward", lambda x, groups, *a: (
+        torch.empty_like(x), torch.zeros(2, x.shape[0] * groups)))
+    monkeypatch.setattr(nhwc_norm, "_launch_backward", lambda *a: (_ for _ in ()).throw(RuntimeError("no ptxas")))
+    monkeypatch.setattr(nhwc_norm, "on_device", lambda x: contextlib.nullcontext())
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(8), torch.randn(8)
+    with caplog.at_level(logging.WARNING):
+        y = nhwc_norm.group_norm(x, 4, w, b, 1e-5, silu=True)
+    assert torch.allclose(y, F.silu(F.group_norm(x, 4, w, b, 1e-5)))
+    assert nhwc_norm._state["failed"] and not nhwc_norm.available()
+    assert "no ptxas" in caplog.text
 
 
 class _CountCopies(TorchDispatchMode):
