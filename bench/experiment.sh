@@ -33,13 +33,15 @@
 #   bench/experiment.sh stop OUT.jsonl     a stop's figures in one call: the 3,000-sample job, a lone preview, SDXL
 #                                          batch 4 and SD1.5 batch 1 and 16, each with its reference, and
 #                                          the gradient-checkpointing peaks (SD1.5 and SDXL batch 1)
+#   bench/experiment.sh prebuild OUT.jsonl the 3,000-sample job on an empty Triton cache with and without the
+#                                          step's kernels built ahead in parallel (performance.prebuild_kernels), twice
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -141,10 +143,14 @@ case $which in
     row bench/ours.py --batch 16
     row bench/ours.py --batch 1 --gc
     row bench/ours.py --model full:sdxl --batch 1 --gc --warmup 10 --steps 10 ;;
+  prebuild)
+    for flag in true false true false; do  # each job on an empty Triton cache, as on a machine's first run
+      TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py --set performance.prebuild_kernels=$flag
+    done ;;
   preview)
     for _ in 1 2; do
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last --no-copy
     done ;;
-  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop or preview)" >&2; exit 2 ;;
+  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild or preview)" >&2; exit 2 ;;
 esac

@@ -163,6 +163,11 @@ def wants_channels_last(cfg: TrainConfig, unet_dtype: torch.dtype, device: torch
     return keeps_layout or cfg.schedule.batch_size * (cfg.data.resolution // 8) ** 2 <= CHANNELS_LAST_MAX_LATENT
 
 
+def prebuilds(cfg: TrainConfig, device: torch.device) -> bool:
+    """`performance.prebuild_kernels`: build the step's Triton kernels ahead of its first run (CUDA only)."""
+    return cfg.performance.prebuild_kernels and device.type == "cuda"
+
+
 def graph_blockers(cfg: TrainConfig, processes: int) -> list[str]:
     """Why the step of this run can't be captured as a CUDA graph (empty when it can)."""
     why = []

@@ -28,6 +28,9 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import kernel_builds
+from .kernel_builds import launch, recording_launches
+
 try:
     import triton
     import triton.language as tl
@@ -328,12 +331,12 @@ def _launch_forward(x: torch.Tensor, groups: int, weight: torch.Tensor | None, b
     y = torch.empty_like(x)
     grid = (n, splits, groups // gpp)
     sizes = dict(CG=cg, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(gpp), num_warps=WARPS)
-    _stats[grid](x, part, chan, total, rows, c, groups, gpp, *_view(x), per, splits,
-                 BLOCK_CG=triton.next_power_of_2(cg), **sizes)
-    _normalise[grid](x, y, weight if weight is not None else x, bias if bias is not None else x, part,
-                     stats[0], stats[1], total, rows, c, groups, gpp, *_view(x), *_view(y), per, splits, eps,
-                     HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-                     BLOCK_S=triton.next_power_of_2(splits), **sizes)
+    launch(_stats, grid, x, part, chan, total, rows, c, groups, gpp, *_view(x), per, splits,
+           BLOCK_CG=triton.next_power_of_2(cg), **sizes)
+    launch(_normalise, grid, x, y, weight if weight is not None else x, bias if bias is not None else x, part,
+           stats[0], stats[1], total, rows, c, groups, gpp, *_view(x), *_view(y), per, splits, eps,
+           HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_S=triton.next_power_of_2(splits),
+           **sizes)
     return y, stats
 
 
@@ -352,15 +355,15 @@ def _launch_backward(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | N
     w_arg, b_arg = (weight if weight is not None else x), (bias if bias is not None else x)
     flags = dict(CG=cg, HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, BLOCK_R=block_r,
                  BLOCK_C=block_c, BLOCK_G=triton.next_power_of_2(gpp), num_warps=WARPS)
-    _grad_sums[grid](x, dy, w_arg, b_arg, stats[0], stats[1], part, dwb, total, rows, c, groups, gpp,
-                     *_view(x), *_view(dy), per, splits, BLOCK_CG=triton.next_power_of_2(cg), **flags)
+    launch(_grad_sums, grid, x, dy, w_arg, b_arg, stats[0], stats[1], part, dwb, total, rows, c, groups, gpp,
+           *_view(x), *_view(dy), per, splits, BLOCK_CG=triton.next_power_of_2(cg), **flags)
     dx = None
     if input_grad:
         dx = torch.empty_like(x)
         means = torch.empty(2 * n * groups, device=x.device, dtype=torch.float32)
-        _grad_input[grid](x, dy, dx, w_arg, b_arg, stats[0], stats[1], part, means, total, rows,
-                          1.0 / (rows * cg), c, groups, gpp, *_view(x), *_view(dy), *_view(dx), per, splits,
-                          BLOCK_S=triton.next_power_of_2(splits), **flags)
+        launch(_grad_input, grid, x, dy, dx, w_arg, b_arg, stats[0], stats[1], part, means, total, rows,
+               1.0 / (rows * cg), c, groups, gpp, *_view(x), *_view(dy), *_view(dx), per, splits,
+               BLOCK_S=triton.next_power_of_2(splits), **flags)
     return dx, dwb
 
 
@@ -370,6 +373,7 @@ class _GroupNormNHWC(torch.autograd.Function):
         y, stats = _launch_forward(x, groups, weight, bias, eps, silu)
         ctx.save_for_backward(x, weight, bias if silu else None, stats)  # the bias only to recompute the SiLU's input
         ctx.groups, ctx.silu, ctx.bias_dtype = groups, silu, bias.dtype if bias is not None else None
+        ctx.records = kernel_builds.current()  # a dry run's: its backward is noted there too
         return y
 
     @staticmethod
@@ -378,7 +382,8 @@ class _GroupNormNHWC(torch.autograd.Function):
         x, weight, bias, stats = ctx.saved_tensors
         if not _mergeable(dy):  # rare: give it a layout whose pixels are one index
             dy = dy.contiguous(memory_format=torch.channels_last)
-        dx, dwb = _launch_backward(x, dy, weight, bias, stats, ctx.groups, ctx.silu, ctx.needs_input_grad[0])
+        with kernel_builds.noting(ctx.records):
+            dx, dwb = _launch_backward(x, dy, weight, bias, stats, ctx.groups, ctx.silu, ctx.needs_input_grad[0])
         dweight = dbias = None
         sums = dwb.sum(0) if ctx.needs_input_grad[2] or ctx.needs_input_grad[3] else None
         if weight is not None and ctx.needs_input_grad[2]:
@@ -472,7 +477,7 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
     kernels (the backward recomputes the norm's output instead of keeping it)."""
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
-    if _state["worked"]:
+    if _state["worked"] or recording_launches():  # a dry run notes the launches and leaves the state
         with on_device(x):  # Triton launches on the current device (autograd's backward
             return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)  # thread sets the tensor's)
     try:  # the first call builds the kernels: a machine without what Triton needs falls back for good

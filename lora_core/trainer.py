@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from . import checkpoints as ckpt
+from . import kernel_builds
 from .attention import attention_kernels
 from .batches import Batch, TextCache, TrainData
 from .config import TrainConfig, validate
@@ -37,6 +38,7 @@ from .fast_step import (
     fast_unet,
     has_compiled_blocks,
     make_capturable,
+    prebuilds,
     step_autocast,
     use_graphs,
 )
@@ -232,6 +234,8 @@ class Stepper:
         self.graphed = GraphedStep(self._update, opt) if graphs else None
         if graphs:
             make_capturable(opt)
+        self.prebuild = prebuilds(cfg, acc.device)
+        self.prebuilt: set[tuple] = set()  # batch shapes whose kernels were built ahead
 
     def set_lr(self, step: int, total: int) -> float:
         factor = lr_factor(self.cfg.schedule, step, total)
@@ -263,6 +267,33 @@ class Stepper:
         self.opt.step()
         return loss.detach()
 
+    def _prebuild(self, x: StepInputs) -> None:
+        """Build the Triton kernels a step of `x`'s batch shape launches, all at once (kernel_builds.py), from
+        a dry run of its forward and backward that changes nothing: no update, its gradients dropped, the
+        random state restored."""
+        if not self.prebuild or x.key() in self.prebuilt:
+            return
+        self.prebuilt.add(x.key())
+        start, built = time.perf_counter(), 0
+        try:
+            gpus = [self.acc.device] if self.acc.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=gpus), kernel_builds.recording() as records:
+                with self._adapter_copy():
+                    with step_autocast(self.acc):
+                        loss = _loss(self.model, self.unet, x, self.cfg.model.clip_skip)
+                    loss.backward()
+                del loss
+            built = kernel_builds.build(records, self.acc.device)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # then each kernel is built at its first launch, as without the dry run
+            log.warning("the GPU kernels could not be built ahead of the first step: %s", e)
+        finally:
+            self._gradients_back()
+            self.opt.zero_grad(set_to_none=True)
+        log.info("built %d kernel launches ahead of the first step of batch shape %s in %.1f s", built,
+                 x.key()[0], time.perf_counter() - start)
+
     def _adapter_copy(self) -> contextlib.AbstractContextManager:
         return self.work.active() if self.work else contextlib.nullcontext()
 
@@ -279,10 +310,13 @@ class Stepper:
     def _step(self, step: int) -> torch.Tensor:
         cfg, acc, accum = self.cfg, self.acc, self.cfg.optim.grad_accum
         if self.graphed:
-            return self.graphed(self._micro(step))
+            x = self._micro(step)
+            self._prebuild(x)
+            return self.graphed(x)
         loss_sum = torch.zeros((), device=acc.device)
         for micro in range(accum):
             x = self._micro(step * accum + micro)
+            self._prebuild(x)
             with self._adapter_copy():
                 with acc.autocast():
                     loss = _loss(self.model, self.unet, x, cfg.model.clip_skip) / accum

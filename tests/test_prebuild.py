@@ -1,0 +1,142 @@
+"""Building the step's Triton kernels ahead of its first run (lora_core/kernel_builds.py,
+`performance.prebuild_kernels`): a dry run notes the launches, forward and backward, without making them
+or changing anything the run trains; on a GPU the real step then builds nothing more."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+from lora_core import geglu, kernel_builds, layer_norm, nhwc_norm, trainer
+from lora_core.config import resolve
+from lora_core.dataset import write_example_dataset
+from lora_core.trainer import train
+
+
+def _names(records: list) -> list[str]:
+    return [kernel.__name__ for kernel, *_ in records]
+
+
+def _backward_on_another_thread(out: torch.Tensor, ins: list[torch.Tensor]) -> None:
+    """As autograd runs a GPU backward: on a thread of its own, where the dry run's context is not set."""
+    t = threading.Thread(target=lambda: torch.autograd.grad(out, ins, torch.ones_like(out)))
+    t.start()
+    t.join()
+
+
+@pytest.mark.skipif(nhwc_norm.triton is None, reason="needs Triton for the kernels' definitions")
+def test_a_dry_run_notes_every_launch_forward_and_backward_and_makes_none(monkeypatch):
+    for module in (nhwc_norm, layer_norm, geglu):
+        monkeypatch.setitem(module._state, "worked", False)
+    x = torch.randn(2, 64, 4, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    tokens = torch.randn(2, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    h = torch.randn(2, 16, 128, dtype=torch.bfloat16, requires_grad=True)
+    with kernel_builds.recording() as records:
+        assert kernel_builds.recording_launches()
+        y = nhwc_norm.group_norm(x, 32, w, w, 1e-5, silu=True)
+        z = layer_norm.layer_norm(tokens, (64,), w, w, 1e-5)
+        g = geglu.geglu(h)
+    assert not kernel_builds.recording_launches()
+    _backward_on_another_thread(y.float().sum() + z.float().sum() + g.float().sum(), [x, w, tokens, h])
+    names = _names(records)
+    # the backward kernels are noted too, though autograd ran them on another thread
+    for name, count in (("_stats", 1), ("_normalise", 1), ("_grad_sums", 1), ("_grad_input", 1),
+                        ("_forward", 2), ("_backward", 2)):
+        assert names.count(name) == count, names
+    # noted, not made: no first-call probe ran and no kernel was marked as working
+    assert not any(m._state["worked"] for m in (nhwc_norm, layer_norm, geglu))
+    kernel, grid, args, kwargs = records[0]
+    assert grid == (2, 1, 1) and args[0] is torch.bfloat16 and kwargs["CG"] == 2  # tensors noted by dtype
+
+
+def test_a_misaligned_tensor_is_left_to_its_first_launch():
+    class Kernel:
+        def __getitem__(self, grid):
+            raise AssertionError("a dry run launched a kernel")
+
+    base = torch.zeros(64, dtype=torch.bfloat16)
+    with kernel_builds.recording() as records:
+        kernel_builds.launch(Kernel(), (1,), base, 3, BLOCK=16)
+        kernel_builds.launch(Kernel(), (1,), base[1:], 3, BLOCK=16)  # 2 bytes in: another specialisation
+    assert records == [(records[0][0], (1,), (torch.bfloat16, 3), {"BLOCK": 16})]
+
+
+def _run(tmp_path, name: str, *extra: str) -> tuple[list[float], str]:
+    data = tmp_path / "data"
+    if not data.exists():
+        write_example_dataset(data, n=4, size=64)
+    cfg = resolve(overrides=[f"data.dir={data}", "model.base=tiny:sd1", "data.resolution=64",
+                             "data.buckets=false", "schedule.steps=6", "schedule.batch_size=2",
+                             "sampling.enabled=false", "performance.log_every=1", "optim.lr=1e-3", *extra])
+    losses, digest = [], None
+    for ev in train(cfg, run_dir=tmp_path / name):
+        if ev.kind == "step":
+            losses.append(ev.loss)
+        if ev.kind == "finished":
+            digest = ev.digest
+    return losses, digest
+
+
+def test_the_dry_run_changes_nothing_the_run_trains(tmp_path, monkeypatch, caplog):
+    """Same seed with and without the dry run before the first step: the same losses and the same adapter
+    (LoRA dropout draws random numbers in the dry run too, which must not move the run's)."""
+    extra = ["lora.dropout=0.1", "performance.prebuild_kernels=true"]
+    plain = _run(tmp_path, "plain", *extra)
+    monkeypatch.setattr(trainer, "prebuilds", lambda cfg, device: True)  # a CPU run has no kernels to build
+    calls = []
+    real = trainer.Stepper._prebuild
+    monkeypatch.setattr(trainer.Stepper, "_prebuild", lambda self, x: calls.append(x.key()) or real(self, x))
+    with caplog.at_level("INFO", logger="lora_core.trainer"):
+        dry = _run(tmp_path, "dry", *extra)
+    assert sum("kernel launches ahead of the first step" in r.message for r in caplog.records) == 1
+    assert len(calls) == 6  # asked at every step, run once per batch shape
+    assert dry == plain
+
+
+PREBUILT = textwrap.dedent("""
+    import json, sys, tempfile
+    import triton
+    from lora_core.config import resolve
+    from lora_core.dataset import write_example_dataset
+    from lora_core.trainer import train
+
+    builds = []  # (kernel, built ahead): every build this process makes, its Triton cache being empty
+    triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: builds.append(
+        (str(k.get("repr")), bool(k.get("is_manual_warmup"))))
+    data = tempfile.mkdtemp()
+    write_example_dataset(data, n=4, size=512)
+    cfg = resolve(overrides=[f"data.dir={data}", "model.base=full:sd15", "data.resolution=512",
+                             "data.buckets=false", "schedule.steps=4", "schedule.batch_size=2",
+                             "sampling.enabled=false", "lora.rank=8", "lora.targets=attn",
+                             "performance.prebuild_kernels=" + sys.argv[1]])
+    losses = [ev.loss for ev in train(cfg, run_dir=tempfile.mkdtemp() + "/run") if ev.kind == "step"]
+    print(json.dumps({"builds": builds, "losses": losses}))
+""")
+
+
+def _fresh_process(prebuild: str, cache) -> dict:
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", PREBUILT, prebuild], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_after_the_dry_run_the_step_builds_only_the_first_call_probes(tmp_path):
+    ahead = _fresh_process("true", tmp_path / "cache-ahead")
+    lazy = _fresh_process("false", tmp_path / "cache-lazy")
+    built_ahead = [k for k, warm in ahead["builds"] if warm]
+    at_launch = [k for k, warm in ahead["builds"] if not warm]
+    assert len(built_ahead) >= 8, ahead["builds"]
+    # the probes (GroupNorm 4 kernels, LayerNorm 2 variants of 2, GEGLU 2) build small shapes of their own
+    assert len(at_launch) <= 10, at_launch
+    assert len(lazy["builds"]) >= len(built_ahead), (lazy["builds"], ahead["builds"])
+    assert ahead["losses"] == lazy["losses"]
