@@ -125,12 +125,15 @@ def _probe(like: torch.Tensor) -> None:
     h = torch.zeros(16, 32, device=like.device, dtype=like.dtype)
     y = torch.empty(16, 16, device=like.device, dtype=like.dtype)
     with on_device(h):
-        _forward[_grid(16, 16)](h, y, 16, 16, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-        _backward[_grid(16, 16)](h, y, torch.empty_like(h), 16, 16, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        launch(_forward, _grid(16, 16), h, y, 16, 16, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        launch(_backward, _grid(16, 16), h, y, torch.empty_like(h), 16, 16, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
 
 
 def geglu(h: torch.Tensor) -> torch.Tensor:
     """`a * gelu(g)` for `a, g = h.chunk(2, -1)`, for a tensor `applies` accepts."""
+    if recording_launches() and not _state["worked"]:  # a dry run notes the first call's probe too
+        with on_device(h):
+            _probe(h)
     if _state["worked"] or recording_launches():  # a dry run notes the launches and leaves the state
         return _GEGLU.apply(h)
     try:  # the first call builds the kernels: a machine without what Triton needs falls back for good

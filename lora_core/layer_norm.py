@@ -189,6 +189,9 @@ def _probe(like: torch.Tensor) -> None:
 def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None,
                bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """F.layer_norm for a call `applies` accepts."""
+    if recording_launches() and not _state["worked"]:  # a dry run notes the first call's probe too
+        with on_device(x):
+            _probe(x)
     if _state["worked"] or recording_launches():  # a dry run notes the launches and leaves the state
         return _LayerNorm.apply(x, weight, bias, eps)
     try:  # the first call builds the kernels: a machine without what Triton needs falls back for good

@@ -477,6 +477,9 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
     kernels (the backward recomputes the norm's output instead of keeping it)."""
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
+    if recording_launches() and not _state["worked"]:  # a dry run notes the first call's probe too
+        with on_device(x):
+            _probe(x)
     if _state["worked"] or recording_launches():  # a dry run notes the launches and leaves the state
         with on_device(x):  # Triton launches on the current device (autograd's backward
             return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)  # thread sets the tensor's)

@@ -16,6 +16,7 @@ import os
 import random
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,6 +200,27 @@ def _previews(step: int, run: Path, cfg: TrainConfig, model: LoadedModel, module
     return Sample(step, paths, [p for p, _, _ in pics], [sc for _, sc, _ in pics])
 
 
+def _prebuild_previews(cfg: TrainConfig, model: LoadedModel, modules: dict, device: torch.device) -> None:
+    """Build the previews' Triton kernels all at once (kernel_builds.py) from a dry run of a one-step preview
+    without CUDA graphs, whose images are dropped."""
+    s, start, built = cfg.sampling, time.perf_counter(), 0
+    try:
+        gpus = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=gpus), kernel_builds.recording() as records, \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # unwritten outputs make NaN pixels
+            previews(model, modules, s.prompts, s.scales, seed=s.seed, steps=1, guidance=s.cfg,
+                     size=s.size or cfg.data.resolution, negative=s.negative_prompt, graphs=False,
+                     attention=cfg.performance.attention, working_copy=cfg.performance.adapter_copy,
+                     nhwc_norms=cfg.performance.nhwc_norms)
+        built = kernel_builds.build(records, device)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # then each kernel is built at its first launch, as without the dry run
+        log.warning("the previews' GPU kernels could not be built ahead: %s", e)
+    log.info("built %d kernel launches ahead of the first preview in %.1f s", built, time.perf_counter() - start)
+
+
 def _write_failed(error: Exception, run: Path) -> str:
     if isinstance(error, TrainingError):  # already says what was kept and how to resume
         return str(error)
@@ -370,6 +392,8 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
     stepper = Stepper(cfg, model, modules, data, text, opt, acc, total, step)
     if main and step == 0 and cfg.sampling.prompts:
         with parking.back():
+            if stepper.prebuild:
+                _prebuild_previews(cfg, model, modules, acc.device)
             sample = _previews(0, run, cfg, model, modules)
         yield emit(sample)
     t0, last_good, seen, start, pending = time.perf_counter(), "", 0, step, []
