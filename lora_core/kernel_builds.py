@@ -20,6 +20,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,31 @@ def current() -> list | None:
     return _records.get()
 
 
+class _Pointer:
+    """What Triton's specialisation reads of a tensor argument: its dtype, and its address modulo 16 (a
+    multiple of 16 or not is part of what a kernel is built for)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.dtype, self.offset = t.dtype, t.data_ptr() % 16
+
+    def data_ptr(self) -> int:
+        return self.offset
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Pointer) and (self.dtype, self.offset) == (other.dtype, other.offset)
+
+    def __hash__(self) -> int:
+        return hash((self.dtype, self.offset))
+
+
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:
-    """`kernel[grid](*args, **kwargs)`, or, under `recording`, a note of it. Tensors are noted by dtype
-    (Triton builds for a dtype and an alignment, not for the data); one whose address is not a multiple of
-    16 bytes is left to be built at its first launch."""
+    """`kernel[grid](*args, **kwargs)`, or, under `recording`, a note of it, each tensor noted by what a
+    build depends on (`_Pointer`), not its data."""
     records = _records.get()
     if records is None:
         kernel[grid](*args, **kwargs)
         return
-    if any(isinstance(a, torch.Tensor) and a.data_ptr() % 16 for a in args):
-        return
-    records.append((kernel, grid, tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args), kwargs))
+    records.append((kernel, grid, tuple(_Pointer(a) if isinstance(a, torch.Tensor) else a for a in args), kwargs))
 
 
 @contextlib.contextmanager
@@ -69,19 +84,48 @@ def recording() -> contextlib.AbstractContextManager[list]:
     return noting([])
 
 
-def build(records: list, device: torch.device, workers: int | None = None) -> int:
-    """Build the noted launches' kernels for `device` on `workers` threads (default: the CPU count, at most
-    MAX_WORKERS); returns how many builds were asked for. A build that fails is dropped: the kernel's first
-    real launch meets the failure, where the kernels' own fall-back handles it."""
-    if not records:
-        return 0
-    try:  # Triton's compile-in-the-background mode (Triton 3.4 and later)
-        from triton.runtime._async_compile import AsyncCompileMode
+def available() -> bool:
+    """Whether this Triton builds kernels in the background (AsyncCompileMode, Triton 3.4 and later)."""
+    try:
+        import triton
     except ImportError:
-        log.info("this Triton cannot build kernels in the background: they are built at their first launch")
+        return False
+    return hasattr(triton, "AsyncCompileMode")
+
+
+def distinct(records: list) -> list:
+    """One record per kernel and build (the grid is not part of a build)."""
+    seen = {}
+    for kernel, grid, args, kwargs in records:
+        seen.setdefault((kernel, args, tuple(sorted(kwargs.items()))), (kernel, grid, args, kwargs))
+    return list(seen.values())
+
+
+def build(records: list, device: torch.device, workers: int | None = None) -> int:
+    """Build the noted launches' kernels for `device` on `workers` threads (default: the CPUs this process
+    may use, at most MAX_WORKERS); returns how many distinct launches were submitted (those already built
+    take no time). A build that fails is dropped: the kernel's first real launch meets the failure, where the
+    kernels' own fall-back handles it."""
+    if not records or not available():
         return 0
-    workers = workers or min(MAX_WORKERS, os.cpu_count() or 1)
-    with torch.cuda.device(device), ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
-        for kernel, grid, args, kwargs in records:  # each specialisation is submitted once
-            kernel.warmup(*args, grid=grid, **kwargs)
-    return len(records)
+    import triton
+
+    unique = distinct(records)
+    workers = workers or min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                             else os.cpu_count() or 1)
+    with (torch.cuda.device(device), ThreadPoolExecutor(workers) as pool,
+          triton.AsyncCompileMode(pool, ignore_errors=True)):
+        for kernel, grid, args, kwargs in unique:
+            try:
+                kernel.warmup(*args, grid=grid, **kwargs)
+            except Exception as e:  # the next ones are still worth building
+                log.debug("could not submit a build of %s: %s", getattr(kernel, "__name__", kernel), e)
+    return len(unique)
+
+
+def checkpoint(module: Any, *args: Any) -> Any:
+    """diffusers' default gradient checkpoint (non-reentrant), whose recomputation, which autograd runs on a
+    thread of its own, notes its launches where the forward noted its own (in a dry run; else it launches)."""
+    records = current()
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                             context_fn=lambda: (contextlib.nullcontext(), noting(records)))

@@ -89,8 +89,9 @@ def _setup_model(cfg: TrainConfig, acc: Accelerator) -> tuple[LoadedModel, dict]
                      conv_rank=lo.conv_rank or None, conv_alpha=lo.conv_alpha or None)
     for m in modules.values():
         m.fused = cfg.performance.fused_lora
-    if cfg.performance.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
+    if cfg.performance.gradient_checkpointing:  # with prebuild_kernels, a checkpoint whose dry run notes its
+        noting = prebuilds(cfg, acc.device) and cfg.performance.compile != "on"  # recomputation's launches
+        model.unet.enable_gradient_checkpointing(kernel_builds.checkpoint if noting else None)
         for te in model.text_encoders if lo.train_text_encoder else []:
             te.gradient_checkpointing_enable()
     model.unet.train()
@@ -218,7 +219,9 @@ def _prebuild_previews(cfg: TrainConfig, model: LoadedModel, modules: dict, devi
         raise
     except Exception as e:  # then each kernel is built at its first launch, as without the dry run
         log.warning("the previews' GPU kernels could not be built ahead: %s", e)
-    log.info("built %d kernel launches ahead of the first preview in %.1f s", built, time.perf_counter() - start)
+    if device.type == "cuda":  # the sampling graphs' pool can't reuse the dry run's memory
+        torch.cuda.empty_cache()
+    log.info("built %d kernels ahead of the first preview in %.1f s", built, time.perf_counter() - start)
 
 
 def _write_failed(error: Exception, run: Path) -> str:
@@ -256,7 +259,9 @@ class Stepper:
         self.graphed = GraphedStep(self._update, opt) if graphs else None
         if graphs:
             make_capturable(opt)
-        self.prebuild = prebuilds(cfg, acc.device)
+        # a compiled UNet does not take the kernels (torch.compile fuses the norms itself)
+        self.prebuild = (prebuilds(cfg, acc.device) and kernel_builds.available() and self.unet is model.unet
+                         and not has_compiled_blocks(model.unet))
         self.prebuilt: set[tuple] = set()  # batch shapes whose kernels were built ahead
 
     def set_lr(self, step: int, total: int) -> float:
@@ -297,11 +302,15 @@ class Stepper:
             return
         self.prebuilt.add(x.key())
         start, built = time.perf_counter(), 0
+        saved = [p.grad for p in self.params]  # earlier micro-batches' gradients, kept out of the dry run's way
+        for p in self.params:
+            p.grad = None
         try:
             gpus = [self.acc.device] if self.acc.device.type == "cuda" else []
+            autocast = step_autocast(self.acc) if self.graphed else self.acc.autocast()  # the real step's
             with torch.random.fork_rng(devices=gpus), kernel_builds.recording() as records:
                 with self._adapter_copy():
-                    with step_autocast(self.acc):
+                    with autocast:
                         loss = _loss(self.model, self.unet, x, self.cfg.model.clip_skip)
                     loss.backward()
                 del loss
@@ -311,10 +320,14 @@ class Stepper:
         except Exception as e:  # then each kernel is built at its first launch, as without the dry run
             log.warning("the GPU kernels could not be built ahead of the first step: %s", e)
         finally:
-            self._gradients_back()
-            self.opt.zero_grad(set_to_none=True)
-        log.info("built %d kernel launches ahead of the first step of batch shape %s in %.1f s", built,
-                 x.key()[0], time.perf_counter() - start)
+            for p, g in zip(self.params, saved, strict=True):
+                p.grad = g
+            for c in self.work.copies if self.work else []:
+                c.grad = None
+            if self.acc.device.type == "cuda":  # the graphs' pool and side stream can't reuse the dry run's
+                torch.cuda.empty_cache()
+        log.info("built %d kernels ahead of the first step of batch shape %s in %.1f s", built, x.key()[0],
+                 time.perf_counter() - start)
 
     def _adapter_copy(self) -> contextlib.AbstractContextManager:
         return self.work.active() if self.work else contextlib.nullcontext()

@@ -54,19 +54,24 @@ def test_a_dry_run_notes_every_launch_forward_and_backward_and_makes_none(monkey
     # noted, not made: no kernel was marked as working, so the first real call still probes
     assert not any(m._state["worked"] for m in (nhwc_norm, layer_norm, geglu))
     stats = [(grid, args, kwargs) for kernel, grid, args, kwargs in records if kernel.__name__ == "_stats"]
-    assert ((2, 1, 1), torch.bfloat16, 2) in [(grid, args[0], kwargs["CG"]) for grid, args, kwargs in stats]
+    assert ((2, 1, 1), torch.bfloat16, 0, 2) in [  # tensors noted by dtype and alignment
+        (grid, args[0].dtype, args[0].data_ptr(), kwargs["CG"]) for grid, args, kwargs in stats]
 
 
-def test_a_misaligned_tensor_is_left_to_its_first_launch():
+def test_launches_are_noted_by_what_a_build_depends_on_once_each():
     class Kernel:
         def __getitem__(self, grid):
             raise AssertionError("a dry run launched a kernel")
 
-    base = torch.zeros(64, dtype=torch.bfloat16)
+    kernel, base = Kernel(), torch.zeros(64, dtype=torch.bfloat16)
     with kernel_builds.recording() as records:
-        kernel_builds.launch(Kernel(), (1,), base, 3, BLOCK=16)
-        kernel_builds.launch(Kernel(), (1,), base[1:], 3, BLOCK=16)  # 2 bytes in: another specialisation
-    assert records == [(records[0][0], (1,), (torch.bfloat16, 3), {"BLOCK": 16})]
+        kernel_builds.launch(kernel, (1,), base, 3, BLOCK=16)
+        kernel_builds.launch(kernel, (4,), base[8:], 3, BLOCK=16)  # 16 bytes in: the same build, another grid
+        kernel_builds.launch(kernel, (1,), base[1:], 3, BLOCK=16)  # 2 bytes in: another build
+    assert [(r[2][0].dtype, r[2][0].data_ptr(), r[2][1:], r[3]) for r in records] == [
+        (torch.bfloat16, 0, (3,), {"BLOCK": 16}), (torch.bfloat16, 0, (3,), {"BLOCK": 16}),
+        (torch.bfloat16, 2, (3,), {"BLOCK": 16})]
+    assert len(kernel_builds.distinct(records)) == 2
 
 
 def _run(tmp_path, name: str, *extra: str) -> tuple[list[float], str, list[bytes]]:
@@ -100,12 +105,51 @@ def test_the_dry_runs_change_nothing_the_run_trains_or_draws(tmp_path, monkeypat
     monkeypatch.setattr(trainer.Stepper, "_prebuild", lambda self, x: calls.append(x.key()) or real(self, x))
     with caplog.at_level("INFO", logger="lora_core.trainer"):
         dry = _run(tmp_path, "dry", *extra)
-    assert sum("kernel launches ahead of the first step" in r.message for r in caplog.records) == 1
-    assert sum("kernel launches ahead of the first preview" in r.message for r in caplog.records) == 1
+    assert sum("kernels ahead of the first step" in r.message for r in caplog.records) == 1
+    assert sum("kernels ahead of the first preview" in r.message for r in caplog.records) == 1
     assert not any("could not be built ahead" in r.message for r in caplog.records)
     assert len(calls) == 6  # asked at every step, run once per batch shape
     assert len(plain[2]) == 2 * 3  # previews at steps 0, 3 and 6, at two weights each
     assert dry == plain
+
+
+def test_a_dry_run_at_a_later_micro_batch_keeps_the_earlier_ones_gradients(tmp_path, monkeypatch):
+    """With gradient accumulation a batch shape can first appear at micro-batch 1 (buckets), after micro-batch
+    0's backward: the dry run must neither add to nor drop the gradients waiting for the update."""
+    extra = ["optim.grad_accum=2", "performance.prebuild_kernels=true"]
+    plain = _run(tmp_path, "plain", *extra)
+    monkeypatch.setattr(trainer, "prebuilds", lambda cfg, device: True)
+    real, calls = trainer.Stepper._prebuild, []
+
+    def at_second_micro(self, x):  # as if micro-batch 1 of step 0 had a batch shape not seen before
+        calls.append(1)
+        if len(calls) == 2:
+            self.prebuilt.clear()
+            real(self, x)
+
+    monkeypatch.setattr(trainer.Stepper, "_prebuild", at_second_micro)
+    assert _run(tmp_path, "dry", *extra) == plain
+
+
+@pytest.mark.skipif(nhwc_norm.triton is None, reason="needs Triton for the kernels' definitions")
+def test_a_checkpointed_blocks_recomputation_is_noted_too(monkeypatch):
+    """Gradient checkpointing recomputes the forward inside the backward, on autograd's thread: its launches
+    join the dry run's list rather than being made (and probing for real)."""
+    monkeypatch.setitem(nhwc_norm._state, "worked", False)
+
+    class Block(torch.nn.Module):
+        def forward(self, x, w):
+            return nhwc_norm.group_norm(x, 32, w, w, 1e-5, silu=True)
+
+    x = torch.randn(2, 64, 4, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+    with kernel_builds.recording() as records:
+        y = kernel_builds.checkpoint(Block(), x, w)
+    _backward_on_another_thread(y.float().sum(), [x, w])
+    names = _names(records)
+    # forward and recomputation, each with the first call's probe; the backward once
+    assert (names.count("_stats"), names.count("_grad_input")) == (4, 3), names
+    assert not nhwc_norm._state["worked"]
 
 
 PREBUILT = textwrap.dedent("""
