@@ -221,7 +221,8 @@ def _prebuild_previews(cfg: TrainConfig, model: LoadedModel, modules: dict, devi
         log.warning("the previews' GPU kernels could not be built ahead: %s", e)
     if device.type == "cuda":  # the sampling graphs' pool can't reuse the dry run's memory
         torch.cuda.empty_cache()
-    log.info("built %d kernels ahead of the first preview in %.1f s", built, time.perf_counter() - start)
+    log.info("kernels of %d distinct launches built ahead of the first preview in %.1f s", built,
+             time.perf_counter() - start)
 
 
 def _write_failed(error: Exception, run: Path) -> str:
@@ -326,8 +327,8 @@ class Stepper:
                 c.grad = None
             if self.acc.device.type == "cuda":  # the graphs' pool and side stream can't reuse the dry run's
                 torch.cuda.empty_cache()
-        log.info("built %d kernels ahead of the first step of batch shape %s in %.1f s", built, x.key()[0],
-                 time.perf_counter() - start)
+        log.info("kernels of %d distinct launches built ahead of the first step of batch shape %s in %.1f s",
+                 built, x.key()[0], time.perf_counter() - start)
 
     def _adapter_copy(self) -> contextlib.AbstractContextManager:
         return self.work.active() if self.work else contextlib.nullcontext()

@@ -105,8 +105,8 @@ def test_the_dry_runs_change_nothing_the_run_trains_or_draws(tmp_path, monkeypat
     monkeypatch.setattr(trainer.Stepper, "_prebuild", lambda self, x: calls.append(x.key()) or real(self, x))
     with caplog.at_level("INFO", logger="lora_core.trainer"):
         dry = _run(tmp_path, "dry", *extra)
-    assert sum("kernels ahead of the first step" in r.message for r in caplog.records) == 1
-    assert sum("kernels ahead of the first preview" in r.message for r in caplog.records) == 1
+    assert sum("built ahead of the first step" in r.message for r in caplog.records) == 1
+    assert sum("built ahead of the first preview" in r.message for r in caplog.records) == 1
     assert not any("could not be built ahead" in r.message for r in caplog.records)
     assert len(calls) == 6  # asked at every step, run once per batch shape
     assert len(plain[2]) == 2 * 3  # previews at steps 0, 3 and 6, at two weights each
