@@ -66,6 +66,11 @@ class TrainData:
                                                   random.Random(self.cfg.schedule.seed * 7919 + epoch))}
         return self._epochs[epoch]
 
+    def batch_shapes(self) -> list[tuple[int, int, int]]:
+        """The run's distinct micro-batch shapes as (images, height, width) in pixels; every epoch has the same
+        (each bucket holds the same images, only their order changes)."""
+        return sorted({(len(group), bucket[1], bucket[0]) for bucket, group in self._epoch(0)})
+
     @torch.no_grad()
     def _encode(self, item: Item, bucket: tuple[int, int], flip: bool) -> tuple[torch.Tensor, tuple]:
         """One image's latent [4, h, w] (the distribution's mean, scaled) and its SDXL size triple."""

@@ -60,6 +60,18 @@ class StepInputs:
         return StepInputs(**{f.name: None if (v := getattr(self, f.name)) is None else v.detach().clone()
                              for f in fields(self)})
 
+    def resized(self, n: int, height: int, width: int) -> StepInputs:
+        """Inputs of the same kinds, dtypes and layouts for `n` latents of `height` x `width`, their values of
+        no meaning (a dry run's: kernel_builds.py)."""
+        def one(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if name in ("noisy", "target"):
+                return t.new_zeros(n, t.shape[1], height, width)
+            return t[:1].expand(n, *t.shape[1:]).contiguous()
+
+        return StepInputs(**{f.name: one(f.name, getattr(self, f.name)) for f in fields(self)})
+
     def copy_from(self, other: StepInputs) -> None:
         for f in fields(self):
             if (mine := getattr(self, f.name)) is not None:

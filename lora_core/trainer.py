@@ -296,25 +296,22 @@ class Stepper:
         return loss.detach()
 
     def _prebuild(self, x: StepInputs) -> None:
-        """Build the Triton kernels a step of `x`'s batch shape launches, all at once (kernel_builds.py), from
-        a dry run of its forward and backward that changes nothing: no update, its gradients dropped, the
-        random state restored."""
+        """Build the Triton kernels that steps of `x`'s batch shape launch, all at once (kernel_builds.py), and at
+        the first step those of every other batch shape of the run's buckets too, from dry runs of their
+        forward and backward that change nothing: no update, their gradients dropped, the random state
+        restored."""
         if not self.prebuild or x.key() in self.prebuilt:
             return
-        self.prebuilt.add(x.key())
+        todo = [x] + ([] if self.prebuilt else self._bucket_inputs(x))
         start, built = time.perf_counter(), 0
         saved = [p.grad for p in self.params]  # earlier micro-batches' gradients, kept out of the dry run's way
         for p in self.params:
             p.grad = None
         try:
             gpus = [self.acc.device] if self.acc.device.type == "cuda" else []
-            autocast = step_autocast(self.acc) if self.graphed else self.acc.autocast()  # the real step's
             with torch.random.fork_rng(devices=gpus), kernel_builds.recording() as records:
-                with self._adapter_copy():
-                    with autocast:
-                        loss = _loss(self.model, self.unet, x, self.cfg.model.clip_skip)
-                    loss.backward()
-                del loss
+                for y in todo:
+                    self._dry_step(y)
             built = kernel_builds.build(records, self.acc.device)
         except torch.cuda.OutOfMemoryError:
             raise
@@ -327,8 +324,23 @@ class Stepper:
                 c.grad = None
             if self.acc.device.type == "cuda":  # the graphs' pool and side stream can't reuse the dry run's
                 torch.cuda.empty_cache()
-        log.info("kernels of %d distinct launches built ahead of the first step of batch shape %s in %.1f s",
-                 built, x.key()[0], time.perf_counter() - start)
+        self.prebuilt.update(y.key() for y in todo)
+        log.info("kernels of %d distinct launches built ahead for %d batch shape(s) in %.1f s", built, len(todo),
+                 time.perf_counter() - start)
+
+    def _dry_step(self, x: StepInputs) -> None:
+        autocast = step_autocast(self.acc) if self.graphed else self.acc.autocast()  # the real step's
+        with self._adapter_copy():
+            with autocast:
+                loss = _loss(self.model, self.unet, x, self.cfg.model.clip_skip)
+            loss.backward()
+
+    def _bucket_inputs(self, x: StepInputs) -> list[StepInputs]:
+        """Stand-in inputs for the run's other batch shapes (data.batch_shapes), distinct from `x`'s."""
+        scale = self.model.pipe.vae_scale_factor
+        shapes = {(n, h // scale, w // scale) for n, h, w in self.data.batch_shapes()}
+        shapes.discard((x.noisy.shape[0], *x.noisy.shape[2:]))
+        return [x.resized(*shape) for shape in sorted(shapes)]
 
     def _adapter_copy(self) -> contextlib.AbstractContextManager:
         return self.work.active() if self.work else contextlib.nullcontext()

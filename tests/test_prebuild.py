@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from lora_core import geglu, kernel_builds, layer_norm, nhwc_norm, trainer
 from lora_core.config import resolve
@@ -105,7 +106,7 @@ def test_the_dry_runs_change_nothing_the_run_trains_or_draws(tmp_path, monkeypat
     monkeypatch.setattr(trainer.Stepper, "_prebuild", lambda self, x: calls.append(x.key()) or real(self, x))
     with caplog.at_level("INFO", logger="lora_core.trainer"):
         dry = _run(tmp_path, "dry", *extra)
-    assert sum("built ahead of the first step" in r.message for r in caplog.records) == 1
+    assert sum("built ahead for 1 batch shape" in r.message for r in caplog.records) == 1
     assert sum("built ahead of the first preview" in r.message for r in caplog.records) == 1
     assert not any("could not be built ahead" in r.message for r in caplog.records)
     assert len(calls) == 6  # asked at every step, run once per batch shape
@@ -129,6 +130,24 @@ def test_a_dry_run_at_a_later_micro_batch_keeps_the_earlier_ones_gradients(tmp_p
 
     monkeypatch.setattr(trainer.Stepper, "_prebuild", at_second_micro)
     assert _run(tmp_path, "dry", *extra) == plain
+
+
+def test_the_first_dry_run_covers_every_bucket_shape_of_the_run(tmp_path, monkeypatch, caplog):
+    """Square and wide images at batch 2: four batch shapes (a full and a last, smaller batch per bucket), all
+    dry-run before the first step, and none again when they first come; training unchanged."""
+    data = tmp_path / "data"
+    write_example_dataset(data, n=6, size=64)
+    for path in sorted(data.glob("*.png"))[:3]:
+        Image.open(path).resize((128, 64)).save(path)
+    extra = [f"data.dir={data}", "data.buckets=true", "data.min_bucket=32", "data.max_bucket=128",
+             "data.bucket_step=32", "sampling.enabled=false", "performance.prebuild_kernels=true"]
+    plain = _run(tmp_path, "plain", *extra)
+    monkeypatch.setattr(trainer, "prebuilds", lambda cfg, device: True)
+    with caplog.at_level("INFO", logger="lora_core.trainer"):
+        dry = _run(tmp_path, "dry", *extra)
+    built = [r.message for r in caplog.records if "built ahead for" in r.message]
+    assert len(built) == 1 and "for 4 batch shape(s)" in built[0], built
+    assert dry == plain
 
 
 @pytest.mark.skipif(nhwc_norm.triton is None, reason="needs Triton for the kernels' definitions")
