@@ -249,11 +249,12 @@ class PerformanceConfig:
                             "type in one multi-tensor copy per step, and their gradients back in another, "
                             "instead of a cast in every adapted layer (hundreds fewer GPU kernels per step; "
                             "the same values). Off = each layer casts its own.")
-    prebuild_kernels: bool = _f(False, "Before the first step of each batch shape, list the Triton kernels "
-                                "(norms, GEGLU) the step will launch, by a dry run of its forward and backward, "
-                                "and build them all at once on every CPU core instead of one at a time at "
-                                "their first launch: for a machine's first run, whose kernel cache is empty "
-                                "(CUDA). Experimental: not yet measured on a GPU.")
+    prebuild_kernels: bool = _f(False, "Before the first step and the first preview, list the Triton kernels "
+                                "(norms, GEGLU) that steps of every batch shape of the run's buckets and the "
+                                "previews will launch, by dry runs, and build them all at once on every CPU "
+                                "core instead of one at a time at their first launch: for a machine's first "
+                                "run, whose kernel cache is empty (CUDA). Experimental: not yet measured on a "
+                                "GPU.")
     device: str = _f("auto", "Where to train: `auto` = CUDA GPU if present, else CPU.",
                      choices=["auto", "cpu", "cuda"])
     log_every: int = _f(10, "Read the loss back from the GPU and report it every N steps (each read "
