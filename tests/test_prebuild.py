@@ -182,8 +182,8 @@ PREBUILT = textwrap.dedent("""
     triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: builds.append(
         (str(k.get("repr")), bool(k.get("is_manual_warmup"))))
     data = tempfile.mkdtemp()
-    write_example_dataset(data, n=4, size=512)
-    cfg = resolve(overrides=[f"data.dir={data}", "model.base=full:sd15", "data.resolution=512",
+    write_example_dataset(data, n=4, size=64)
+    cfg = resolve(overrides=[f"data.dir={data}", "model.base=tiny:sd1", "data.resolution=64",
                              "data.buckets=false", "schedule.steps=4", "schedule.batch_size=2",
                              "sampling.steps=2", "sampling.every=2", "lora.rank=8", "lora.targets=attn",
                              "performance.prebuild_kernels=" + sys.argv[1]])
