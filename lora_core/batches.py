@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,14 +63,27 @@ class TrainData:
 
     def _epoch(self, epoch: int) -> list[tuple[tuple[int, int], list[Item]]]:
         if epoch not in self._epochs:
-            self._epochs = {epoch: bucket_batches(self.items, self.buckets, self.cfg.schedule.batch_size,
-                                                  random.Random(self.cfg.schedule.seed * 7919 + epoch))}
+            self._epochs = {epoch: self._order(epoch)}
         return self._epochs[epoch]
 
-    def batch_shapes(self) -> list[tuple[int, int, int]]:
-        """The run's distinct micro-batch shapes as (images, height, width) in pixels; every epoch has the same
-        (each bucket holds the same images, only their order changes)."""
-        return sorted({(len(group), bucket[1], bucket[0]) for bucket, group in self._epoch(0)})
+    def _order(self, epoch: int) -> list[tuple[tuple[int, int], list[Item]]]:
+        return bucket_batches(self.items, self.buckets, self.cfg.schedule.batch_size,
+                              random.Random(self.cfg.schedule.seed * 7919 + epoch))
+
+    def batch_shapes(self, indices: Iterable[int], limit: int = 100_000) -> list[tuple[int, int, int]]:
+        """The distinct shapes, as (images, height, width) in pixels, of the micro-batches numbered `indices`
+        (as `batch` numbers them), looked at until every shape an epoch has is met or `limit` batches are
+        looked at. Every epoch has the same shapes (each bucket holds the same images), in another order."""
+        every = {(len(group), bucket[1], bucket[0]) for bucket, group in self._order(0)}
+        seen, order = set(), {}
+        for k, index in enumerate(indices):
+            if k >= limit or seen == every:
+                break
+            epoch, pos = divmod(index, self.batches_per_epoch)
+            order = order if epoch in order else {epoch: self._order(epoch)}
+            bucket, group = order[epoch][pos]
+            seen.add((len(group), bucket[1], bucket[0]))
+        return sorted(seen)
 
     @torch.no_grad()
     def _encode(self, item: Item, bucket: tuple[int, int], flip: bool) -> tuple[torch.Tensor, tuple]:

@@ -264,6 +264,7 @@ class Stepper:
         self.prebuild = (prebuilds(cfg, acc.device) and kernel_builds.available() and self.unet is model.unet
                          and not has_compiled_blocks(model.unet))
         self.prebuilt: set[tuple] = set()  # batch shapes whose kernels were built ahead
+        self.start, self.total = start, total
 
     def set_lr(self, step: int, total: int) -> float:
         factor = lr_factor(self.cfg.schedule, step, total)
@@ -303,7 +304,8 @@ class Stepper:
         if not self.prebuild or x.key() in self.prebuilt:
             return
         todo = [x] + ([] if self.prebuilt else self._bucket_inputs(x))
-        start, built = time.perf_counter(), 0
+        self.prebuilt.update(y.key() for y in todo)  # tried once each, whatever comes of it
+        start, built, done = time.perf_counter(), 0, 0
         saved = [p.grad for p in self.params]  # earlier micro-batches' gradients, kept out of the dry run's way
         for p in self.params:
             p.grad = None
@@ -311,12 +313,14 @@ class Stepper:
             gpus = [self.acc.device] if self.acc.device.type == "cuda" else []
             with torch.random.fork_rng(devices=gpus), kernel_builds.recording() as records:
                 for y in todo:
-                    self._dry_step(y)
-            built = kernel_builds.build(records, self.acc.device)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as e:  # then each kernel is built at its first launch, as without the dry run
-            log.warning("the GPU kernels could not be built ahead of the first step: %s", e)
+                    try:
+                        self._dry_step(y)
+                        done += 1
+                    except torch.cuda.OutOfMemoryError:
+                        raise
+                    except Exception as e:  # its kernels are built at their first launch, as without it
+                        log.warning("no dry run for batch shape %s: %s", tuple(y.noisy.shape), e)
+            built = self._build(records)
         finally:
             for p, g in zip(self.params, saved, strict=True):
                 p.grad = g
@@ -324,9 +328,15 @@ class Stepper:
                 c.grad = None
             if self.acc.device.type == "cuda":  # the graphs' pool and side stream can't reuse the dry run's
                 torch.cuda.empty_cache()
-        self.prebuilt.update(y.key() for y in todo)
-        log.info("kernels of %d distinct launches built ahead for %d batch shape(s) in %.1f s", built, len(todo),
-                 time.perf_counter() - start)
+        log.info("kernels of %d distinct launches built ahead for %d of %d batch shape(s) in %.1f s", built, done,
+                 len(todo), time.perf_counter() - start)
+
+    def _build(self, records: list) -> int:
+        try:
+            return kernel_builds.build(records, self.acc.device)
+        except Exception as e:  # then each kernel is built at its first launch, as without the dry run
+            log.warning("the GPU kernels could not be built ahead of the first step: %s", e)
+            return 0
 
     def _dry_step(self, x: StepInputs) -> None:
         autocast = step_autocast(self.acc) if self.graphed else self.acc.autocast()  # the real step's
@@ -336,9 +346,11 @@ class Stepper:
             loss.backward()
 
     def _bucket_inputs(self, x: StepInputs) -> list[StepInputs]:
-        """Stand-in inputs for the run's other batch shapes (data.batch_shapes), distinct from `x`'s."""
-        scale = self.model.pipe.vae_scale_factor
-        shapes = {(n, h // scale, w // scale) for n, h, w in self.data.batch_shapes()}
+        """Stand-in inputs for the other batch shapes of the micro-batches this process will train on
+        (data.batch_shapes), distinct from `x`'s."""
+        scale, world, accum = self.model.pipe.vae_scale_factor, self.acc.num_processes, self.cfg.optim.grad_accum
+        indices = (i * world + self.acc.process_index for i in range(self.start * accum, self.total * accum))
+        shapes = {(n, h // scale, w // scale) for n, h, w in self.data.batch_shapes(indices)}
         shapes.discard((x.noisy.shape[0], *x.noisy.shape[2:]))
         return [x.resized(*shape) for shape in sorted(shapes)]
 

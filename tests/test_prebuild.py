@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from lora_core import geglu, kernel_builds, layer_norm, nhwc_norm, trainer
+from lora_core.batches import TrainData
 from lora_core.config import resolve
 from lora_core.dataset import write_example_dataset
 from lora_core.trainer import train
@@ -106,7 +107,7 @@ def test_the_dry_runs_change_nothing_the_run_trains_or_draws(tmp_path, monkeypat
     monkeypatch.setattr(trainer.Stepper, "_prebuild", lambda self, x: calls.append(x.key()) or real(self, x))
     with caplog.at_level("INFO", logger="lora_core.trainer"):
         dry = _run(tmp_path, "dry", *extra)
-    assert sum("built ahead for 1 batch shape" in r.message for r in caplog.records) == 1
+    assert sum("built ahead for 1 of 1 batch shape" in r.message for r in caplog.records) == 1
     assert sum("built ahead of the first preview" in r.message for r in caplog.records) == 1
     assert not any("could not be built ahead" in r.message for r in caplog.records)
     assert len(calls) == 6  # asked at every step, run once per batch shape
@@ -146,8 +147,26 @@ def test_the_first_dry_run_covers_every_bucket_shape_of_the_run(tmp_path, monkey
     with caplog.at_level("INFO", logger="lora_core.trainer"):
         dry = _run(tmp_path, "dry", *extra)
     built = [r.message for r in caplog.records if "built ahead for" in r.message]
-    assert len(built) == 1 and "for 4 batch shape(s)" in built[0], built
+    assert len(built) == 1 and "for 4 of 4 batch shape(s)" in built[0], built
     assert dry == plain
+
+
+def test_batch_shapes_are_those_of_the_batches_a_process_will_train_on(tmp_path):
+    data = tmp_path / "data"
+    write_example_dataset(data, n=6, size=64)
+    for path in sorted(data.glob("*.png"))[:3]:
+        Image.open(path).resize((128, 64)).save(path)
+    cfg = resolve(overrides=[f"data.dir={data}", "data.resolution=64", "data.buckets=true", "data.min_bucket=32",
+                             "data.max_bucket=128", "data.bucket_step=32", "schedule.batch_size=2"])
+    batches = TrainData(cfg, None, torch.device("cpu"), None)
+    assert batches.batches_per_epoch == 4  # per bucket: a batch of 2 and the last one of 1
+    every = batches.batch_shapes(range(8))
+    assert len(every) == 4 and {n for n, _, _ in every} == {1, 2}
+    assert {(h, w) for _, h, w in every} == {(64, 64), (32, 96)}  # (height, width): the wide bucket
+    one = batches.batch_shapes(range(1))  # a one-step run meets one shape
+    assert len(one) == 1 and one[0] in every
+    assert batches.batch_shapes(range(1, 100, 2)) == every  # every other batch (2 processes), over epochs
+    assert batches.batch_shapes(range(0, 100, 2), limit=1) == batches.batch_shapes(range(1))
 
 
 @pytest.mark.skipif(nhwc_norm.triton is None, reason="needs Triton for the kernels' definitions")
@@ -173,7 +192,9 @@ def test_a_checkpointed_blocks_recomputation_is_noted_too(monkeypatch):
 
 PREBUILT = textwrap.dedent("""
     import json, sys, tempfile
+    from pathlib import Path
     import triton
+    from PIL import Image
     from lora_core.config import resolve
     from lora_core.dataset import write_example_dataset
     from lora_core.trainer import train
@@ -183,8 +204,11 @@ PREBUILT = textwrap.dedent("""
         (str(k.get("repr")), bool(k.get("is_manual_warmup"))))
     data = tempfile.mkdtemp()
     write_example_dataset(data, n=4, size=64)
+    for path in sorted(Path(data).glob("*.png"))[:2]:  # a wide bucket too: two batch shapes
+        Image.open(path).resize((128, 64)).save(path)
     cfg = resolve(overrides=[f"data.dir={data}", "model.base=tiny:sd1", "data.resolution=64",
-                             "data.buckets=false", "schedule.steps=4", "schedule.batch_size=2",
+                             "data.buckets=true", "data.min_bucket=32", "data.max_bucket=128",
+                             "data.bucket_step=32", "schedule.steps=4", "schedule.batch_size=2",
                              "sampling.steps=2", "sampling.every=2", "lora.rank=8", "lora.targets=attn",
                              "performance.prebuild_kernels=" + sys.argv[1]])
     losses = [ev.loss for ev in train(cfg, run_dir=tempfile.mkdtemp() + "/run") if ev.kind == "step"]
