@@ -250,7 +250,7 @@ class PerformanceConfig:
                             "instead of a cast in every adapted layer (hundreds fewer GPU kernels per step; "
                             "the same values). Off = each layer casts its own.")
     prebuild_kernels: bool = _f(False, "Before the first step and the first preview, list the Triton kernels "
-                                "(norms, GEGLU) that steps of every batch shape of the run's buckets and the "
+                                "(norms, GEGLU) that steps of every batch shape the run will train on and the "
                                 "previews will launch, by dry runs, and build them all at once on every CPU "
                                 "core instead of one at a time at their first launch: for a machine's first "
                                 "run, whose kernel cache is empty (CUDA). Experimental: not yet measured on a "
