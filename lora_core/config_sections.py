@@ -249,12 +249,13 @@ class PerformanceConfig:
                             "type in one multi-tensor copy per step, and their gradients back in another, "
                             "instead of a cast in every adapted layer (hundreds fewer GPU kernels per step; "
                             "the same values). Off = each layer casts its own.")
-    prebuild_kernels: bool = _f(False, "Before the first step and the first preview, list the Triton kernels "
+    prebuild_kernels: bool = _f(True, "Before the first step and the first preview, list the Triton kernels "
                                 "(norms, GEGLU) that steps of every batch shape the run will train on and the "
                                 "previews will launch, by dry runs, and build them all at once on every CPU "
-                                "core instead of one at a time at their first launch: for a machine's first "
-                                "run, whose kernel cache is empty (CUDA). Experimental: not yet measured on a "
-                                "GPU.")
+                                "core instead of one at a time at their first launch: a machine's first run, "
+                                "whose kernel cache is empty, starts training sooner (CUDA only; on an H100 "
+                                "the first 3,000-sample job took 45-50 s instead of 90 s). Off = each kernel "
+                                "is built at its first launch.")
     device: str = _f("auto", "Where to train: `auto` = CUDA GPU if present, else CPU.",
                      choices=["auto", "cpu", "cuda"])
     log_every: int = _f(10, "Read the loss back from the GPU and report it every N steps (each read "

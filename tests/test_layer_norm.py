@@ -66,7 +66,8 @@ CHECK = textwrap.dedent("""
                     "Triton interpreters fail on NumPy 2)")
 def test_kernels_match_layer_norm_in_the_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     worst, worst_half = map(float, out.stdout.split("worst")[-1].split())

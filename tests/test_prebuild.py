@@ -217,7 +217,8 @@ PREBUILT = textwrap.dedent("""
 
 
 def _fresh_process(prebuild: str, cache) -> dict:
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "PYTHONPATH": os.getcwd()}
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "PYTHONPATH": path}
     out = subprocess.run([sys.executable, "-c", PREBUILT, prebuild], capture_output=True, text=True, env=env,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -234,4 +235,7 @@ def test_after_the_dry_runs_the_step_and_previews_build_nothing_more(tmp_path):
     assert len(built_ahead) >= 8, ahead["builds"]
     assert not at_launch, at_launch  # the step, the previews and the first calls' probes: all built ahead
     assert len(lazy["builds"]) >= len(built_ahead), (lazy["builds"], ahead["builds"])
-    assert ahead["losses"] == lazy["losses"]
+    # the same training. Across processes the GPU's results can differ in the last bits (one run of five on an
+    # H100 gave 1.11555 for 1.11552 at the third step; the others matched bit for bit), so the losses are
+    # compared to bf16 noise here; the CPU tests above show the dry runs change nothing at all
+    assert ahead["losses"] == pytest.approx(lazy["losses"], rel=1e-3)
