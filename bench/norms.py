@@ -143,12 +143,16 @@ def main() -> None:
         spec.loader.exec_module(old)
         report("groupnorm", "old", timed(gn_calls(gn, lambda x, g, w, b, silu: old.group_norm(
             x, g, w, b, 1e-5, silu=silu)), a.reps))
+    defaults = {module: vars(module).copy() for module in (nhwc_norm, layer_norm)}
     for tune in [""] + a.tune:
         settings = dict(kv.split("=") for kv in tune.split(",") if kv)
-        for module in (nhwc_norm, layer_norm):
+        for module, own in defaults.items():  # each row from the modules' own settings, not the last row's
             for k, v in settings.items():
-                if hasattr(module, k):
+                if k in own:
                     setattr(module, k, int(v))
+            for k in set(own) - set(settings):
+                if k.isupper():
+                    setattr(module, k, own[k])
         extra = dict(settings=settings) if settings else {}
         report("groupnorm", "ours", timed(gn_calls(gn, ours_gn), a.reps), **extra)
         report("layernorm", "ours", timed(ln_calls(ln, ours_ln), a.reps), **extra)
