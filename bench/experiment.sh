@@ -35,13 +35,15 @@
 #                                          the gradient-checkpointing peaks (SD1.5 and SDXL batch 1)
 #   bench/experiment.sh prebuild OUT.jsonl the 3,000-sample job on an empty Triton cache with and without the
 #                                          step's kernels built ahead in parallel (performance.prebuild_kernels), twice
+#   bench/experiment.sh attnsplit OUT.jsonl flash attention padding SD1.5's head size 40 only to 48 (bench/attention_split.py)
+#                                          against cuDNN's and flash's, at SD1.5's shapes; cuDNN at head 40, 48 and 64
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -143,6 +145,8 @@ case $which in
     row bench/ours.py --batch 16
     row bench/ours.py --batch 1 --gc
     row bench/ours.py --model full:sdxl --batch 1 --gc --warmup 10 --steps 10 ;;
+  attnsplit)
+    timeout 400 python3 bench/attention_split.py 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" ;;
   prebuild)
     for flag in true false true false; do  # each job on an empty Triton cache, as on a machine's first run
       TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py --set performance.prebuild_kernels=$flag
