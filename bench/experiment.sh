@@ -37,13 +37,16 @@
 #                                          step's kernels built ahead in parallel (performance.prebuild_kernels), twice
 #   bench/experiment.sh attnsplit OUT.jsonl flash attention padding SD1.5's head size 40 only to 48 (bench/attention_split.py)
 #                                          against cuDNN's and flash's, at SD1.5's shapes; cuDNN at head 40, 48 and 64
+#   bench/experiment.sh limits16 OUT.jsonl  what limits SD1.5 batch 16 on this card: each GroupNorm shape on its own (beside
+#                                          OUT: -norms.jsonl), the eager step's profile by operator (-profile-b16.txt), and
+#                                          the compiled step with this code's kernels
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16 or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -145,6 +148,12 @@ case $which in
     row bench/ours.py --batch 16
     row bench/ours.py --batch 1 --gc
     row bench/ours.py --model full:sdxl --batch 1 --gc --warmup 10 --steps 10 ;;
+  limits16)
+    timeout 200 python3 bench/norms.py --batch 16 --each >"${out%.jsonl}-norms.jsonl" 2>>"${out%.jsonl}.log"
+    timeout 240 python3 bench/profile_step.py --batch 16 --ops --set performance.cuda_graphs=off \
+      --set performance.channels_last=on --out "${out%.jsonl}-profile-b16.txt" >>"${out%.jsonl}.log" 2>&1
+    row bench/ours.py --batch 16
+    row bench/ours.py --batch 16 --set performance.compile=on ;;
   attnsplit)
     timeout 400 python3 bench/attention_split.py 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" ;;
   prebuild)

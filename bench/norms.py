@@ -4,10 +4,13 @@ timed per kernel family, with the memory traffic a two-pass kernel would need (G
 forward, five backward; LayerNorm: two and three) over the time taken.
 
     python bench/norms.py [--model full:sd15] [--batch 16] [--old .prev/lora_core/nhwc_norm.py]
-        [--tune TILE=4096,WARPS=8,TARGET_PROGRAMS=512 ...]
+        [--tune TILE=4096,WARPS=8,TARGET_PROGRAMS=512 ...] [--each]
 
 Rows: `ours` (lora_core's kernels as configured, or as each --tune sets them), `torch` (PyTorch's kernels
-on the same tensors) and, with --old, another tree's GroupNorm kernels. One JSON line each.
+on the same tensors) and, with --old, another tree's GroupNorm kernels. One JSON line each. With --each,
+also one line per distinct GroupNorm call (shape, groups, SiLU): its count in the step, ours and PyTorch's
+milliseconds for forward alone and forward + backward, and ours' GB/s against those passes' traffic (three
+passes forward, eight in all), to show which shapes run far from memory speed.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def timed(calls: list, reps: int) -> float:
     return start.elapsed_time(end) / reps
 
 
-def gn_calls(gn: list[tuple], impl) -> list:
+def gn_calls(gn: list[tuple], impl, backward: bool = True) -> list:
     calls = []
     for shape, groups, silu in gn:
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).contiguous(
@@ -85,6 +88,9 @@ def gn_calls(gn: list[tuple], impl) -> list:
         dy = torch.randn_like(x)
 
         def call(x=x, w=w, b=b, dy=dy, groups=groups, silu=silu):
+            if not backward:
+                with torch.no_grad():
+                    return impl(x, groups, w, b, silu)
             y = impl(x, groups, w, b, silu)
             torch.autograd.backward(y, dy)
             x.grad = None
@@ -107,6 +113,23 @@ def ln_calls(ln: list[tuple], impl) -> list:
     return calls
 
 
+def each_gn(gn: list[tuple], ours, head: dict, reps: int) -> None:
+    """One JSON line per distinct GroupNorm call of the step (see the module's docstring)."""
+    counts: dict[tuple, int] = {}
+    for call in gn:
+        counts[call] = counts.get(call, 0) + 1
+    for (shape, groups, silu), count in counts.items():
+        nbytes = torch.Size(shape).numel() * 2
+        row = dict(head, what="groupnorm_each", shape=list(shape), groups=groups, silu=silu, count=count)
+        for name, impl in (("ours", ours), ("torch", torch_gn)):
+            fwd = timed(gn_calls([(shape, groups, silu)], impl, backward=False), reps)
+            both = timed(gn_calls([(shape, groups, silu)], impl), reps)
+            row.update({f"{name}_fwd_ms": round(fwd, 4), f"{name}_ms": round(both, 4)})
+            if name == "ours":
+                row.update(fwd_gb_per_s=round(3 * nbytes / fwd / 1e6), gb_per_s=round(8 * nbytes / both / 1e6))
+        print(json.dumps(row), flush=True)
+
+
 def torch_gn(x, groups, w, b, silu):
     y = F.group_norm(x, groups, w, b, 1e-5)
     return F.silu(y) if silu else y
@@ -118,6 +141,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--old", help="another tree's nhwc_norm.py to time too")
+    p.add_argument("--each", action="store_true", help="also time each distinct GroupNorm call on its own")
     p.add_argument("--tune", action="append", default=[], help="module settings for one more `ours` row, "
                    "e.g. TILE=2048,WARPS=4 (GroupNorm and LayerNorm alike)")
     a = p.parse_args()
@@ -156,6 +180,12 @@ def main() -> None:
         extra = dict(settings=settings) if settings else {}
         report("groupnorm", "ours", timed(gn_calls(gn, ours_gn), a.reps), **extra)
         report("layernorm", "ours", timed(ln_calls(ln, ours_ln), a.reps), **extra)
+    if a.each:
+        for module, own in defaults.items():
+            for k in own:
+                if k.isupper():
+                    setattr(module, k, own[k])
+        each_gn(gn, ours_gn, head, a.reps * 5)
     if nhwc_norm._state["failed"] or layer_norm._state["failed"]:
         raise SystemExit("our kernels fell back to PyTorch's: see the log")
 
