@@ -101,6 +101,17 @@ def distinct(records: list) -> list:
     return list(seen.values())
 
 
+def build_workers() -> int:
+    """Threads for one process's builds: its CPUs, shared with the other training processes of this machine
+    (each builds the same kernels), at most MAX_WORKERS."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(MAX_WORKERS, cpus // local))
+
+
 def build(records: list, device: torch.device, workers: int | None = None) -> int:
     """Build the noted launches' kernels for `device` on `workers` threads (default: the CPUs this process
     may use, at most MAX_WORKERS); returns how many distinct launches were submitted (those already built
@@ -111,8 +122,7 @@ def build(records: list, device: torch.device, workers: int | None = None) -> in
     import triton
 
     unique = distinct(records)
-    workers = workers or min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                             else os.cpu_count() or 1)
+    workers = workers or build_workers()
     with (torch.cuda.device(device), ThreadPoolExecutor(workers) as pool,
           triton.AsyncCompileMode(pool, ignore_errors=True)):
         for kernel, grid, args, kwargs in unique:

@@ -53,6 +53,15 @@ from .text_ids import encode_ids, encode_text, token_ids
 from .working_copy import working_copy
 
 log = logging.getLogger(__name__)
+# (what the kernels depend on, batch shape or preview batch) this process has dry-run: its kernels are built
+# (Triton keeps them in memory), so a second training in the app does not pay for the dry runs again
+_BUILT_AHEAD: set[tuple] = set()
+
+
+def _kernel_context(cfg: TrainConfig, model: LoadedModel) -> tuple:
+    """What the shapes, dtypes and layouts of our kernels' launches depend on besides the batch shape."""
+    dtype = next(model.unet.parameters()).dtype
+    return cfg.model.base, str(dtype), repr(cfg.performance), cfg.lora.train_text_encoder
 
 
 def total_steps(cfg: TrainConfig, data: TrainData, world: int = 1) -> int:
@@ -205,6 +214,10 @@ def _prebuild_previews(cfg: TrainConfig, model: LoadedModel, modules: dict, devi
     """Build the previews' Triton kernels all at once (kernel_builds.py) from a dry run of a one-step preview
     without CUDA graphs, whose images are dropped."""
     s, start, built = cfg.sampling, time.perf_counter(), 0
+    key = (_kernel_context(cfg, model), "previews", s.size or cfg.data.resolution, len(s.prompts), tuple(s.scales),
+           s.cfg, bool(s.negative_prompt))
+    if key in _BUILT_AHEAD:
+        return
     try:
         gpus = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=gpus), kernel_builds.recording() as records, \
@@ -215,10 +228,9 @@ def _prebuild_previews(cfg: TrainConfig, model: LoadedModel, modules: dict, devi
                      attention=cfg.performance.attention, working_copy=cfg.performance.adapter_copy,
                      nhwc_norms=cfg.performance.nhwc_norms)
         built = kernel_builds.build(records, device)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as e:  # then each kernel is built at its first launch, as without the dry run
-        log.warning("the previews' GPU kernels could not be built ahead: %s", e)
+        _BUILT_AHEAD.add(key)
+    except Exception as e:  # out of memory too: each kernel is then built at its first launch, as without the
+        log.warning("the previews' GPU kernels could not be built ahead: %s", e)  # dry run, and the preview decides
     if device.type == "cuda":  # the sampling graphs' pool can't reuse the dry run's memory
         torch.cuda.empty_cache()
     log.info("kernels of %d distinct launches built ahead of the first preview in %.1f s", built,
@@ -264,6 +276,8 @@ class Stepper:
         self.prebuild = (prebuilds(cfg, acc.device) and kernel_builds.available() and self.unet is model.unet
                          and not has_compiled_blocks(model.unet))
         self.prebuilt: set[tuple] = set()  # batch shapes whose kernels were built ahead
+        self.previews_ahead = self.prebuild  # the previews' kernels still to build ahead, before the first
+        self.context = _kernel_context(cfg, model) if self.prebuild else ()
         self.start, self.total = start, total
 
     def set_lr(self, step: int, total: int) -> float:
@@ -305,6 +319,9 @@ class Stepper:
             return
         todo = [x] + ([] if self.prebuilt else self._bucket_inputs(x))
         self.prebuilt.update(y.key() for y in todo)  # tried once each, whatever comes of it
+        todo = [y for y in todo if (self.context, y.key()) not in _BUILT_AHEAD]  # not by an earlier run either
+        if not todo:
+            return
         start, built, done = time.perf_counter(), 0, 0
         saved = [p.grad for p in self.params]  # earlier micro-batches' gradients, kept out of the dry run's way
         for p in self.params:
@@ -316,7 +333,10 @@ class Stepper:
                     try:
                         self._dry_step(y)
                         done += 1
+                        _BUILT_AHEAD.add((self.context, y.key()))
                     except torch.cuda.OutOfMemoryError:
+                        log.error("a dry run of batch shape %s ran out of GPU memory, as its training step would",
+                                  tuple(y.noisy.shape))
                         raise
                     except Exception as e:  # its kernels are built at their first launch, as without it
                         log.warning("no dry run for batch shape %s: %s", tuple(y.noisy.shape), e)
@@ -330,6 +350,13 @@ class Stepper:
                 torch.cuda.empty_cache()
         log.info("kernels of %d distinct launches built ahead for %d of %d batch shape(s) in %.1f s", built, done,
                  len(todo), time.perf_counter() - start)
+
+    def before_preview(self) -> None:
+        """Build the previews' kernels ahead once, before the first preview this process draws (at step 0, or
+        later in a resumed run)."""
+        if self.previews_ahead:
+            self.previews_ahead = False
+            _prebuild_previews(self.cfg, self.model, self.modules, self.acc.device)
 
     def _build(self, records: list) -> int:
         try:
@@ -430,8 +457,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
     stepper = Stepper(cfg, model, modules, data, text, opt, acc, total, step)
     if main and step == 0 and cfg.sampling.prompts:
         with parking.back():
-            if stepper.prebuild:
-                _prebuild_previews(cfg, model, modules, acc.device)
+            stepper.before_preview()
             sample = _previews(0, run, cfg, model, modules)
         yield emit(sample)
     t0, last_good, seen, start, pending = time.perf_counter(), "", 0, step, []
@@ -457,6 +483,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
                 pending = []
             if preview:
                 with parking.back():
+                    stepper.before_preview()
                     sample = _previews(step, run, cfg, model, modules)
                 yield emit(sample)
             if save:
@@ -480,6 +507,7 @@ def train(cfg: TrainConfig, stop: threading.Event | None = None, *, run_dir: str
         yield emit(Saved(step, final, final=True))
         if cfg.sampling.prompts and not stopped:
             with parking.back():
+                stepper.before_preview()
                 sample = _previews(step, run, cfg, model, modules)
             yield emit(sample)
     acc.wait_for_everyone()

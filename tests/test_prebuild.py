@@ -239,3 +239,87 @@ def test_after_the_dry_runs_the_step_and_previews_build_nothing_more(tmp_path):
     # H100 gave 1.11555 for 1.11552 at the third step; the others matched bit for bit), so the losses are
     # compared to bf16 noise here; the CPU tests above show the dry runs change nothing at all
     assert ahead["losses"] == pytest.approx(lazy["losses"], rel=1e-3)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_built_ahead_yet(monkeypatch):
+    """Each test starts as a fresh process would: no batch shape or preview dry-run yet."""
+    monkeypatch.setattr(trainer, "_BUILT_AHEAD", set())
+
+
+def test_a_second_training_in_the_same_process_dry_runs_only_what_is_new(tmp_path, monkeypatch, caplog):
+    """The app trains again in the same process: the kernels of shapes dry-run before are built (Triton keeps
+    them), so only a new batch shape or preview batch is dry-run again; training unchanged."""
+    extra = ["performance.prebuild_kernels=true"]
+    plain = _run(tmp_path, "plain", *extra)
+    monkeypatch.setattr(trainer, "prebuilds", lambda cfg, device: True)
+    real, dry = trainer.Stepper._dry_step, []
+    monkeypatch.setattr(trainer.Stepper, "_dry_step", lambda self, x: dry.append(x.key()) or real(self, x))
+
+    def previews_built() -> int:
+        return sum("built ahead of the first preview" in r.message for r in caplog.records)
+
+    with caplog.at_level("INFO", logger="lora_core.trainer"):
+        assert _run(tmp_path, "first", *extra) == plain
+        assert (len(dry), previews_built()) == (1, 1)
+        assert _run(tmp_path, "again", *extra) == plain
+        assert (len(dry), previews_built()) == (1, 1)
+        _run(tmp_path, "smaller", *extra, "data.resolution=32")  # a new batch shape and preview size
+        assert (len(dry), previews_built()) == (2, 2)
+
+
+def test_a_resumed_run_builds_the_previews_kernels_before_its_first_preview(tmp_path, monkeypatch):
+    """A run resumed on a fresh machine draws no preview at step 0; its first preview comes later, and its
+    kernels are built ahead then, once."""
+    _run(tmp_path, "run", "schedule.steps=3")
+    monkeypatch.setattr(trainer, "prebuilds", lambda cfg, device: True)
+    order, real_build, real_previews = [], trainer._prebuild_previews, trainer._previews
+    monkeypatch.setattr(trainer, "_prebuild_previews", lambda *a: order.append("build") or real_build(*a))
+    monkeypatch.setattr(trainer, "_previews", lambda step, *a: order.append(step) or real_previews(step, *a))
+    cfg = resolve(overrides=[f"data.dir={tmp_path / 'data'}", "model.base=tiny:sd1", "data.resolution=64",
+                             "data.buckets=false", "schedule.steps=9", "schedule.batch_size=2", "sampling.steps=3",
+                             "sampling.every=3", "sampling.scales=[0.0, 1.0]", "performance.log_every=1",
+                             "optim.lr=1e-3", "performance.prebuild_kernels=true"])
+    events = list(train(cfg, run_dir=tmp_path / "run", resume=True))
+    assert events[-1].kind == "finished" and events[-1].step == 9, events[-1]
+    assert order == ["build", 6, 9]  # in the loop at step 6, and the final preview at 9
+
+
+def test_processes_of_one_machine_share_its_cpus_for_builds(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert kernel_builds.build_workers() == kernel_builds.MAX_WORKERS == 16
+    for local, workers in (("8", 4), ("64", 1), ("not a number", 16)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert kernel_builds.build_workers() == workers
+
+
+def test_out_of_memory_in_a_dry_run(tmp_path, monkeypatch, caplog):
+    """The previews' dry run running out of memory is left to the preview itself (training goes on); a step's
+    dry run ends the run as its step would, with the usual advice and a log line saying which shape."""
+    monkeypatch.setattr(trainer, "prebuilds", lambda cfg, device: True)
+    real = trainer.previews
+
+    def previews(*args, **kwargs):
+        if kernel_builds.recording_launches():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "previews", previews)
+    with caplog.at_level("INFO", logger="lora_core.trainer"):
+        losses, digest, images = _run(tmp_path, "previews", "performance.prebuild_kernels=true")
+    assert len(losses) == 6 and digest and len(images) == 6
+    assert any("previews' GPU kernels could not be built ahead" in r.message for r in caplog.records)
+
+    def out_of_memory(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test)")
+
+    monkeypatch.setattr(trainer.Stepper, "_dry_step", out_of_memory)
+    cfg = resolve(overrides=[f"data.dir={tmp_path / 'data'}", "model.base=tiny:sd1", "data.resolution=64",
+                             "data.buckets=false", "schedule.steps=3", "schedule.batch_size=2",
+                             "sampling.enabled=false", "performance.prebuild_kernels=true"])
+    with caplog.at_level("INFO", logger="lora_core.trainer"):
+        events = list(train(cfg, run_dir=tmp_path / "step"))
+    assert events[-1].kind == "failed" and "memory" in events[-1].message, events[-1]
+    assert [r.getMessage() for r in caplog.records if "ran out of GPU memory" in r.getMessage()] == [
+        "a dry run of batch shape (2, 4, 32, 32) ran out of GPU memory, as its training step would"]
