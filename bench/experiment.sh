@@ -36,7 +36,8 @@
 #   bench/experiment.sh prebuild OUT.jsonl the 3,000-sample job on an empty Triton cache with and without the
 #                                          step's kernels built ahead in parallel (performance.prebuild_kernels), twice
 #   bench/experiment.sh attnsplit OUT.jsonl flash attention padding SD1.5's head size 40 only to 48 (bench/attention_split.py)
-#                                          against cuDNN's and flash's, at SD1.5's shapes; cuDNN at head 40, 48 and 64
+#                                          against cuDNN's and flash's, at SD1.5's shapes; cuDNN at head 40, 48 and 64;
+#                                          then SD1.5 batch 16 with and without it in the real step (ours.py --split-attention 40)
 #   bench/experiment.sh limits16 OUT.jsonl  what limits SD1.5 batch 16 on this card: each GroupNorm shape on its own (beside
 #                                          OUT: -norms.jsonl), the eager step's profile by operator (-profile-b16.txt), and
 #                                          the compiled step with this code's kernels
@@ -155,7 +156,9 @@ case $which in
     row bench/ours.py --batch 16
     row bench/ours.py --batch 16 --set performance.compile=on ;;
   attnsplit)
-    timeout 400 python3 bench/attention_split.py 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" ;;
+    timeout 300 python3 bench/attention_split.py 2>>"${out%.jsonl}.log" | grep '^{' >>"$out"
+    row bench/ours.py --batch 16
+    row bench/ours.py --batch 16 --split-attention 40 ;;
   prebuild)
     for flag in true false true false; do  # each job on an empty Triton cache, as on a machine's first run
       TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py --set performance.prebuild_kernels=$flag

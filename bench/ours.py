@@ -23,6 +23,25 @@ from lora_core.trainer import train
 RES = {"full:sd15": 512, "full:sdxl": 1024, "full:sd21-v": 768}
 
 
+def split_attention_for(heads: set[int]):
+    """Route scaled-dot-product attention of these head sizes to bench/attention_split.py's kernels (a whole-step
+    A/B of that experiment; the trainer itself does not take them). Block sizes are tuned at a shape's first
+    call outside CUDA-graph capture (the graphed step's eager warm-up), else the untuned default is used."""
+    from bench import attention_split
+
+    plain = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if (q.is_cuda and q.shape[-1] in heads and attn_mask is None and not dropout_p and not is_causal
+                and not kwargs and q.dtype in (torch.bfloat16, torch.float16)
+                and q.shape[-2] % 64 == 0 and k.shape[-2] % 64 == 0):
+            attention_split.TUNE = not torch.cuda.is_current_stream_capturing()
+            return attention_split.split_attention(q, k, v)
+        return plain(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    return patch("torch.nn.functional.scaled_dot_product_attention", sdpa)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="full:sd15")
@@ -36,6 +55,8 @@ def main() -> None:
                     help="a compiled UNet's adapters keep the fused kernel (the trainer gives them the plain path)")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="a torch._inductor.config setting for a compiled run, e.g. combo_kernels=true")
+    ap.add_argument("--split-attention", type=int, action="append", default=[], metavar="HEAD",
+                    help="self-attention of this head size runs bench/attention_split.py's kernels (e.g. 40)")
     a = ap.parse_args()
     for kv in a.inductor:
         key, value = kv.split("=", 1)
@@ -52,7 +73,8 @@ def main() -> None:
     marks = {}
     t_start = time.perf_counter()
     keep = patch("lora_core.fast_step.plain_adapters", lambda unet: None) if a.keep_kernel else nullcontext()
-    with keep:
+    split = split_attention_for(set(a.split_attention)) if a.split_attention else nullcontext()
+    with keep, split:
         events = train(cfg, run_dir=tempfile.mkdtemp() + "/run")
         for ev in events:
             if ev.kind == "started":
@@ -63,7 +85,8 @@ def main() -> None:
             if ev.kind == "failed":
                 raise SystemExit(ev.message)
     ms = (marks[a.warmup + a.steps] - marks[a.warmup]) / a.steps * 1000
-    extra = a.set + (["keep_kernel"] if a.keep_kernel else []) + [f"inductor.{kv}" for kv in a.inductor]
+    extra = a.set + (["keep_kernel"] if a.keep_kernel else []) + [f"inductor.{kv}" for kv in a.inductor] + [
+        f"split_attention.{d}" for d in a.split_attention]
     print(json.dumps({"impl": "ours", "model": a.model, "batch": a.batch, "gc": a.gc, "te": a.te,
                       "extra": extra, "ms_per_step": round(ms, 2), "samples_per_s": round(a.batch * 1000 / ms, 2),
                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
