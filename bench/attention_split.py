@@ -56,6 +56,8 @@ from torch.autograd.function import once_differentiable
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench
 
+from bench.attention import timed  # milliseconds per call by CUDA events, after a warm-up
+
 log = logging.getLogger("bench.attention_split")
 
 LOG2E = tl.constexpr(1.4426950408889634)  # kernels read only constexpr globals
@@ -431,19 +433,6 @@ def _sdpa(backend: str) -> Callable:
 
 
 IMPLS = {"cudnn": _sdpa("CUDNN_ATTENTION"), "flash": _sdpa("FLASH_ATTENTION"), "split": split_attention}
-
-
-def timed(fn: Callable[[], object], repeat: int = 20) -> float:
-    """Milliseconds per call of `fn` by CUDA events, after a warm-up."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat
 
 
 def _inputs(shape: tuple[int, ...], grad: bool) -> tuple[torch.Tensor, ...]:
