@@ -35,7 +35,7 @@
 #                                          the gradient-checkpointing peaks (SD1.5 and SDXL batch 1)
 #   bench/experiment.sh prebuild OUT.jsonl the 3,000-sample job on an empty Triton cache with and without the
 #                                          step's kernels built ahead in parallel (performance.prebuild_kernels), then
-#                                          on a warm cache with and without, interleaved, three times (about 5 minutes)
+#                                          on a warm cache with and without, interleaved, three times (about 6 minutes)
 #   bench/experiment.sh attnsplit OUT.jsonl flash attention padding SD1.5's head size 40 only to 48 (bench/attention_split.py)
 #                                          against cuDNN's and flash's, at SD1.5's shapes; cuDNN at head 40, 48 and 64;
 #                                          then SD1.5 batch 16 with and without it in the real step (ours.py --split-attention 40)
@@ -164,7 +164,8 @@ case $which in
     for flag in true false; do  # each job on an empty Triton cache, as on a machine's first run
       TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py --set performance.prebuild_kernels=$flag
     done
-    warm=$(mktemp -d)  # then on a warm cache, where the dry runs are all the switch costs
+    warm=$(mktemp -d)  # then on a warm cache, where the dry runs are all the switch costs (one job fills it)
+    TRITON_CACHE_DIR=$warm timeout 300 python3 bench/job.py >/dev/null 2>>"${out%.jsonl}.log"
     for flag in true false true false true false; do
       TRITON_CACHE_DIR=$warm row bench/job.py --set performance.prebuild_kernels=$flag
     done ;;
