@@ -214,8 +214,9 @@ def _prebuild_previews(cfg: TrainConfig, model: LoadedModel, modules: dict, devi
     """Build the previews' Triton kernels all at once (kernel_builds.py) from a dry run of a one-step preview
     without CUDA graphs, whose images are dropped."""
     s, start, built = cfg.sampling, time.perf_counter(), 0
-    key = (_kernel_context(cfg, model), "previews", s.size or cfg.data.resolution, len(s.prompts), tuple(s.scales),
-           s.cfg, bool(s.negative_prompt))
+    size = s.size or cfg.data.resolution
+    key = (_kernel_context(cfg, model), "previews", size, len(s.prompts), tuple(s.scales), s.cfg,
+           bool(s.negative_prompt))
     if key in _BUILT_AHEAD:
         return
     try:
@@ -224,7 +225,7 @@ def _prebuild_previews(cfg: TrainConfig, model: LoadedModel, modules: dict, devi
                 warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # unwritten outputs make NaN pixels
             previews(model, modules, s.prompts, s.scales, seed=s.seed, steps=1, guidance=s.cfg,
-                     size=s.size or cfg.data.resolution, negative=s.negative_prompt, graphs=False,
+                     size=size, negative=s.negative_prompt, graphs=False,
                      attention=cfg.performance.attention, working_copy=cfg.performance.adapter_copy,
                      nhwc_norms=cfg.performance.nhwc_norms)
         built = kernel_builds.build(records, device)
