@@ -42,6 +42,22 @@ def split_attention_for(heads: set[int]):
     return patch("torch.nn.functional.scaled_dot_product_attention", sdpa)
 
 
+def matmul_attention_for(heads: set[int], max_keys: int):
+    """Route attention of these head sizes, or with at most `max_keys` keys, to attention spelled out in plain
+    operators (bench/attention_pick.py's `matmul_attention`): a whole-step A/B of that choice."""
+    from bench.attention_pick import matmul_attention
+
+    plain = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if (attn_mask is None and not dropout_p and not is_causal and not kwargs
+                and (q.shape[-1] in heads or k.shape[-2] <= max_keys)):
+            return matmul_attention(q, k, v)
+        return plain(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
+
+    return patch("torch.nn.functional.scaled_dot_product_attention", sdpa)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="full:sd15")
@@ -57,6 +73,10 @@ def main() -> None:
                     help="a torch._inductor.config setting for a compiled run, e.g. combo_kernels=true")
     ap.add_argument("--split-attention", type=int, action="append", default=[], metavar="HEAD",
                     help="self-attention of this head size runs bench/attention_split.py's kernels (e.g. 40)")
+    ap.add_argument("--matmul-attention", type=int, action="append", default=[], metavar="HEAD",
+                    help="attention of this head size is spelled out in plain operators (e.g. 160)")
+    ap.add_argument("--matmul-keys", type=int, default=0, metavar="N",
+                    help="attention with at most N keys is spelled out in plain operators (e.g. 77)")
     a = ap.parse_args()
     for kv in a.inductor:
         key, value = kv.split("=", 1)
@@ -74,7 +94,9 @@ def main() -> None:
     t_start = time.perf_counter()
     keep = patch("lora_core.fast_step.plain_adapters", lambda unet: None) if a.keep_kernel else nullcontext()
     split = split_attention_for(set(a.split_attention)) if a.split_attention else nullcontext()
-    with keep, split:
+    spelled = (matmul_attention_for(set(a.matmul_attention), a.matmul_keys)
+               if a.matmul_attention or a.matmul_keys else nullcontext())
+    with keep, split, spelled:
         events = train(cfg, run_dir=tempfile.mkdtemp() + "/run")
         for ev in events:
             if ev.kind == "started":
@@ -86,7 +108,8 @@ def main() -> None:
                 raise SystemExit(ev.message)
     ms = (marks[a.warmup + a.steps] - marks[a.warmup]) / a.steps * 1000
     extra = a.set + (["keep_kernel"] if a.keep_kernel else []) + [f"inductor.{kv}" for kv in a.inductor] + [
-        f"split_attention.{d}" for d in a.split_attention]
+        f"split_attention.{d}" for d in a.split_attention] + [f"matmul_attention.{d}" for d in a.matmul_attention] + (
+        [f"matmul_keys.{a.matmul_keys}"] if a.matmul_keys else [])
     print(json.dumps({"impl": "ours", "model": a.model, "batch": a.batch, "gc": a.gc, "te": a.te,
                       "extra": extra, "ms_per_step": round(ms, 2), "samples_per_s": round(a.batch * 1000 / ms, 2),
                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

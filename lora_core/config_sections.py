@@ -213,9 +213,11 @@ class PerformanceConfig:
                             "not compiled), else for small batches only (up to 4 at 512 px, 1 at 1024 px), "
                             "where each measured faster.", choices=AUTO_OFF_ON)
     attention: str = _f("auto", "Attention kernel tried first: `auto` = cuDNN's on H100-class GPUs (measured "
-                        "1.6-1.8x faster than flash attention there), PyTorch's own order elsewhere; "
-                        "`cudnn` or `flash` on any GPU; `torch` = PyTorch's order.",
-                        choices=["auto", "cudnn", "flash", "torch"])
+                        "1.6-1.8x faster than flash attention there for the large shapes), PyTorch's own order "
+                        "elsewhere; `cudnn` or `flash` on any GPU; `tuned` = for each shape of the UNet's "
+                        "attention, the fastest of cuDNN's, flash and memory-efficient attention, timed at its "
+                        "first call; `torch` = PyTorch's order.",
+                        choices=["auto", "cudnn", "flash", "tuned", "torch"])
     cudnn_benchmark: bool = _f(False, "Let cuDNN time its convolution algorithms on the first step of each "
                                "batch shape and keep the fastest: seconds more before training, no "
                                "measured gain on an H200.")

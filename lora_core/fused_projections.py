@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
+from .attention import attend
 from .grouped_lora import grouped_kernel_applies, grouped_lora
 from .lora import LoRALinear, LoRAModule, in_adapter_dtype
 
@@ -178,7 +179,7 @@ class FusedProjections:
             k, v = project(encoder_hidden_states, attn, "kv", tuple(getattr(attn, n) for n in NAMES["kv"]))
         b, heads = hidden_states.shape[0], attn.heads
         q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = attend(q, k, v)
         out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3]).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 

@@ -182,6 +182,8 @@ def test_attention_kernel_policy():
     assert kernel_order("torch", CUDA) == "torch"
     assert kernel_order("cudnn", CUDA) == "cudnn"
     assert kernel_order("flash", CUDA) == "flash"
+    assert kernel_order("tuned", CUDA) == "tuned"
+    assert kernel_order("tuned", torch.device("cpu")) == "torch"
 
 
 @pytest.mark.gpu
@@ -299,3 +301,59 @@ def test_graphed_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, base):
     events = list(train(cfg, run_dir=tmp_path / "run"))
     assert events[-1].kind == "finished", events[-1]
     assert checked == [6, 7, 8, 9]
+
+
+def test_the_fastest_kernel_is_the_quickest_of_those_that_ran_and_refusals_are_skipped():
+    from torch.nn.attention import SDPBackend
+
+    from lora_core.attention import fastest_kernel
+
+    q, k, v = (torch.randn(2, 4, 16, 8, requires_grad=True) for _ in range(3))
+    ran = []
+
+    def timer(call):  # on the CPU only flash runs; the others refuse, as a GPU kernel refuses a shape
+        call()
+        ran.append(True)
+        return 1.0
+
+    assert fastest_kernel(q, k, v, backward=True, timer=timer) is SDPBackend.FLASH_ATTENTION
+    assert len(ran) == 1
+    assert q.grad is None  # timed on tensors of its own, not the caller's
+
+    def out_of_memory(call):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    assert fastest_kernel(q, k, v, backward=False, timer=out_of_memory) is None
+
+
+def test_attend_is_plain_attention_outside_a_tuned_block_and_on_the_cpu():
+    from lora_core import attention
+
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    torch.testing.assert_close(attention.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    with attention._tuned_block("tuned"):
+        assert attention._tuning
+        torch.testing.assert_close(attention.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    assert not attention._tuning
+    assert not attention._chosen  # nothing timed for CPU tensors
+
+
+@pytest.mark.gpu
+def test_attend_times_each_shape_once_and_agrees_with_plain_attention(monkeypatch):
+    from lora_core import attention
+
+    monkeypatch.setattr(attention, "_chosen", {})
+    timed = []
+    real = attention.fastest_kernel
+    monkeypatch.setattr(attention, "fastest_kernel", lambda *a, **kw: timed.append(a[0].shape) or real(*a, **kw))
+    x = torch.randn(2, 256, 3 * 8 * 160, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (t.view(2, 256, 8, 160).transpose(1, 2) for t in x.split(8 * 160, dim=-1))
+    with attention_kernels("tuned", CUDA):
+        outs = [attention.attend(q, k, v) for _ in range(2)]
+    assert len(timed) == 1 and len(attention._chosen) == 1
+    plain = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(outs[1].float(), plain, atol=2e-2, rtol=2e-2)
+    grad = torch.randn_like(outs[1])
+    (got,) = torch.autograd.grad(outs[1], x, grad)
+    (want,) = torch.autograd.grad(plain, x, grad.float())
+    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
