@@ -42,13 +42,16 @@
 #   bench/experiment.sh limits16 OUT.jsonl  what limits SD1.5 batch 16 on this card: each GroupNorm shape on its own (beside
 #                                          OUT: -norms.jsonl), the eager step's profile by operator (-profile-b16.txt), and
 #                                          the compiled step with this code's kernels
+#   bench/experiment.sh tuned OUT.jsonl    performance.attention=tuned (the fastest kernel per attention shape) against
+#                                          cudnn (the default on Hopper), interleaved, at batch 16 and 1; then the
+#                                          50-step fast = eager check and the tuned attention's GPU test
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16 or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -160,6 +163,10 @@ case $which in
     timeout 300 python3 bench/attention_split.py 2>>"${out%.jsonl}.log" | grep '^{' >>"$out"
     row bench/ours.py --batch 16
     row bench/ours.py --batch 16 --split-attention 40 ;;
+  tuned)
+    for a in cudnn tuned cudnn tuned; do row bench/ours.py --batch 16 --set performance.attention=$a; done
+    for a in tuned cudnn; do row bench/ours.py --batch 1 --set performance.attention=$a; done
+    timeout 120 python3 -m pytest -q -m gpu tests/test_fast_step.py -k "attend or eager" >"${out%.jsonl}-tests.txt" 2>&1 ;;
   prebuild)
     for flag in true false; do  # each job on an empty Triton cache, as on a machine's first run
       TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py --set performance.prebuild_kernels=$flag
@@ -174,5 +181,5 @@ case $which in
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last --no-copy
     done ;;
-  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild or preview)" >&2; exit 2 ;;
+  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned or preview)" >&2; exit 2 ;;
 esac

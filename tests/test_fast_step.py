@@ -150,8 +150,9 @@ def test_graphed_step_equals_eager_step_fp32(tmp_path, caplog, base, te):
 
 
 @pytest.mark.gpu
-def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path):
-    """Graphs, channels-last, cuDNN attention, the fused LoRA kernel, half-precision and channels-last norms,
+@pytest.mark.parametrize("attention", ["cudnn", "tuned"])
+def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path, attention):
+    """Graphs, channels-last, cuDNN (or per-shape tuned) attention, the fused LoRA kernel, half-precision and channels-last norms,
     the working copy, grouped projections, the fused GEGLU, the LayerNorm kernels and the lean ResNet blocks against none of them: 50 steps within 2%."""
     data = tmp_path / "data"
     write_example_dataset(data, n=8, size=512)
@@ -165,7 +166,7 @@ def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path):
              "performance.fast_layer_norm=false",
              "performance.lean_resnets=false"]
     eager, _ = _losses(resolve(overrides=common + plain), tmp_path / "eager")
-    fast = ["performance.cuda_graphs=on", "performance.channels_last=on", "performance.attention=cudnn",
+    fast = ["performance.cuda_graphs=on", "performance.channels_last=on", f"performance.attention={attention}",
             "performance.fused_lora=true", "performance.half_norms=true", "performance.adapter_copy=true",
             "performance.fused_projections=true", "performance.fused_geglu=true", "performance.nhwc_norms=true",
             "performance.fast_layer_norm=true",
