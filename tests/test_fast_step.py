@@ -171,7 +171,11 @@ def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path, attention):
             "performance.fused_projections=true", "performance.fused_geglu=true", "performance.nhwc_norms=true",
             "performance.fast_layer_norm=true",
             "performance.lean_resnets=true"]
+    from lora_core import attention as attention_module
+
+    attention_module._chosen.clear()
     graphed, _ = _losses(resolve(overrides=common + fast), tmp_path / "graphed")
+    assert bool(attention_module._chosen) == (attention == "tuned")  # each shape timed before its graph
     e, g = torch.tensor(eager), torch.tensor(graphed)
     assert len(e) == len(g) == 50
     assert ((g - e).abs() / e.abs()).max() <= 0.02, (eager, graphed)
@@ -304,32 +308,41 @@ def test_graphed_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, base):
     assert checked == [6, 7, 8, 9]
 
 
-def test_the_fastest_kernel_is_the_quickest_of_those_that_ran_and_refusals_are_skipped():
+def test_the_fastest_kernel_is_the_quickest_of_those_that_take_the_shape():
     from torch.nn.attention import SDPBackend
 
     from lora_core.attention import fastest_kernel
 
     q, k, v = (torch.randn(2, 4, 16, 8, requires_grad=True) for _ in range(3))
-    ran = []
+    timed = []
 
-    def timer(call):  # on the CPU only flash runs; the others refuse, as a GPU kernel refuses a shape
+    def timer(call):  # on the CPU only flash takes it; the others refuse, as a GPU kernel refuses a shape
         call()
-        ran.append(True)
+        timed.append(True)
         return 1.0
 
+    state = torch.get_rng_state()
     assert fastest_kernel(q, k, v, backward=True, timer=timer) is SDPBackend.FLASH_ATTENTION
-    assert len(ran) == 1
+    assert len(timed) == 1
     assert q.grad is None  # timed on tensors of its own, not the caller's
+    assert torch.equal(torch.get_rng_state(), state)  # the run's random stream is untouched
+
+    def failing(call):
+        raise RuntimeError("CUDA error: an illegal instruction")
+
+    assert fastest_kernel(q, k, v, backward=False, timer=failing) is None
 
     def out_of_memory(call):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    assert fastest_kernel(q, k, v, backward=False, timer=out_of_memory) is None
+    with pytest.raises(torch.OutOfMemoryError):
+        fastest_kernel(q, k, v, backward=False, timer=out_of_memory)
 
 
-def test_attend_is_plain_attention_outside_a_tuned_block_and_on_the_cpu():
+def test_attend_is_plain_attention_outside_a_tuned_block_and_on_the_cpu(monkeypatch):
     from lora_core import attention
 
+    monkeypatch.setattr(attention, "_chosen", {})
     q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
     torch.testing.assert_close(attention.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
     with attention._tuned_block("tuned"):
@@ -337,6 +350,76 @@ def test_attend_is_plain_attention_outside_a_tuned_block_and_on_the_cpu():
         torch.testing.assert_close(attention.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
     assert not attention._tuning
     assert not attention._chosen  # nothing timed for CPU tensors
+
+
+def _pretend_gpu(monkeypatch, attention, capturing=False):
+    """`attend`'s logic on the CPU: tensors count as a GPU's, and the kernel chosen is flash (the CPU's)."""
+    from torch.nn.attention import SDPBackend
+
+    timed = []
+    monkeypatch.setattr(attention, "_chosen", {})
+    monkeypatch.setattr(attention, "_on_gpu", lambda q: True)
+    monkeypatch.setattr(attention, "_capturing", lambda: capturing)
+    monkeypatch.setattr(attention, "fastest_kernel",
+                        lambda q, k, v, backward: timed.append((tuple(q.shape), backward)) or SDPBackend.FLASH_ATTENTION)
+    return timed
+
+
+def test_attend_times_each_new_shape_once_and_never_while_a_graph_is_captured(monkeypatch):
+    from lora_core import attention
+
+    timed = _pretend_gpu(monkeypatch, attention)
+    q, k, v = (torch.randn(2, 4, 16, 8, requires_grad=True) for _ in range(3))
+    with attention._tuned_block("tuned"):
+        outs = [attention.attend(q, k, v) for _ in range(3)]
+        with torch.no_grad():
+            attention.attend(q, k, v)  # forward only: a shape of its own
+        attention.attend(q[:1], k[:1], v[:1])
+    assert timed == [((2, 4, 16, 8), True), ((2, 4, 16, 8), False), ((1, 4, 16, 8), True)]
+    assert len(attention._chosen) == 3
+    for out in outs:
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    outs[0].sum().backward()
+    assert q.grad is not None
+
+    timed = _pretend_gpu(monkeypatch, attention, capturing=True)
+    with attention._tuned_block("tuned"):
+        attention.attend(q, k, v)
+    assert timed == [] and attention._chosen == {}
+
+
+def test_timing_inside_a_checkpointed_forward_leaves_the_checkpoint_alone():
+    from torch.utils.checkpoint import checkpoint
+
+    from lora_core.attention import fastest_kernel
+
+    runs = []
+
+    def block(x):
+        runs.append(1)
+        q, k, v = (x * (i + 1) for i in range(3))
+        fastest_kernel(q, k, v, backward=True, timer=lambda call: call() or 1.0)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    x = torch.randn(2, 4, 16, 8, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert len(runs) == 2  # the forward and its one recomputation, not one more for the timing's own tensors
+    assert x.grad is not None
+
+
+def test_tuned_blocks_of_two_threads_may_close_in_any_order():
+    from lora_core import attention
+
+    first, second = attention._tuned_block("tuned"), attention._tuned_block("tuned")
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert attention._tuning
+    second.__exit__(None, None, None)
+    assert not attention._tuning
+    with pytest.raises(ValueError), attention._tuned_block("tuned"):
+        raise ValueError("a failed step")
+    assert not attention._tuning
 
 
 @pytest.mark.gpu
@@ -352,9 +435,23 @@ def test_attend_times_each_shape_once_and_agrees_with_plain_attention(monkeypatc
     with attention_kernels("tuned", CUDA):
         outs = [attention.attend(q, k, v) for _ in range(2)]
     assert len(timed) == 1 and len(attention._chosen) == 1
+    assert list(attention._chosen.values())[0] is not None
     plain = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     torch.testing.assert_close(outs[1].float(), plain, atol=2e-2, rtol=2e-2)
     grad = torch.randn_like(outs[1])
     (got,) = torch.autograd.grad(outs[1], x, grad)
     (want,) = torch.autograd.grad(plain, x, grad.float())
     torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+def test_attend_runs_the_kernel_chosen(monkeypatch):
+    from torch.nn.attention import SDPBackend
+
+    from lora_core import attention
+
+    monkeypatch.setattr(attention, "_chosen", {})
+    monkeypatch.setattr(attention, "fastest_kernel", lambda *a: SDPBackend.EFFICIENT_ATTENTION)
+    q, k, v = (torch.randn(2, 8, 256, 160, device=CUDA, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with attention_kernels("tuned", CUDA):
+        assert "Efficient" in attention.attend(q, k, v).grad_fn.name()
