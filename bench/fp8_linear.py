@@ -21,6 +21,8 @@ import json
 import torch
 import torch.nn.functional as F
 
+from bench.attention import timed
+
 # (tokens, in features, out features, layers of this shape in the step)
 SD15_B16 = []
 for tokens, c, n in ((16 * 4096, 320, 5), (16 * 1024, 640, 5), (16 * 256, 1280, 5), (16 * 64, 1280, 1)):
@@ -55,18 +57,6 @@ class Fp8Weight:
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return round(((got.float() - want.float()).norm() / want.float().norm()).item(), 5)
-
-
-def timed(fn, repeat: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat
 
 
 def measure(tokens: int, k: int, n: int, device: str, timing: bool) -> dict:
