@@ -43,8 +43,8 @@
 #                                          OUT: -norms.jsonl), the eager step's profile by operator (-profile-b16.txt), and
 #                                          the compiled step with this code's kernels
 #   bench/experiment.sh tuned OUT.jsonl    performance.attention=tuned (the fastest kernel per attention shape) against
-#                                          cudnn (the default on Hopper), interleaved, at batch 16 and 1; then the
-#                                          50-step fast = eager check and the tuned attention's GPU test
+#                                          cudnn (the default on Hopper), interleaved, at batch 16; the 50-step fast =
+#                                          eager check and the tuned attention's GPU tests; then batch 1
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
@@ -165,8 +165,8 @@ case $which in
     row bench/ours.py --batch 16 --split-attention 40 ;;
   tuned)
     for a in cudnn tuned cudnn tuned; do row bench/ours.py --batch 16 --set performance.attention=$a; done
-    for a in tuned cudnn; do row bench/ours.py --batch 1 --set performance.attention=$a; done
-    timeout 120 python3 -m pytest -q -m gpu tests/test_fast_step.py -k "attend or eager" >"${out%.jsonl}-tests.txt" 2>&1 ;;
+    timeout 120 python3 -m pytest -q -m gpu tests/test_fast_step.py -k "attend or eager" >"${out%.jsonl}-tests.txt" 2>&1
+    for a in tuned cudnn; do row bench/ours.py --batch 1 --set performance.attention=$a; done ;;
   prebuild)
     for flag in true false; do  # each job on an empty Triton cache, as on a machine's first run
       TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py --set performance.prebuild_kernels=$flag
