@@ -441,7 +441,7 @@ def test_attend_times_each_shape_once_and_agrees_with_plain_attention(monkeypatc
     grad = torch.randn_like(outs[1])
     (got,) = torch.autograd.grad(outs[1], x, grad)
     (want,) = torch.autograd.grad(plain, x, grad.float())
-    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.gpu
