@@ -22,10 +22,15 @@ SHAPES = [
 BACKENDS = ["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"]
 
 
-def timed(fn, repeat: int = 20) -> float:
+def timed(fn, repeat: int = 20, sleep_cycles: int = 0) -> float:
+    """Milliseconds per call of `fn` by CUDA events, after a warm-up. With `sleep_cycles` the GPU first sleeps
+    that long while the calls are queued, so a small call's time is the GPU's alone (as in a CUDA graph),
+    not the host's time to launch it."""
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if sleep_cycles:
+        torch.cuda._sleep(sleep_cycles)
     start.record()
     for _ in range(repeat):
         fn()

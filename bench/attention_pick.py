@@ -4,6 +4,8 @@ Every self- and cross-attention shape of SD1.5 (batch 16) and SDXL (batch 4) at 
 resolutions, in the layout the trainer's processor passes them (heads split from `(batch, tokens,
 channels)` by a view and a transpose), bf16. Each SDPA backend is forced in turn; `matmul` is attention
 spelled out in three operators (scores, softmax in fp32, product), which autograd differentiates.
+The times are the GPU's alone: the host launches the calls while the GPU sleeps (an earlier version
+timed the launching too, which made cuDNN look slower at the small shapes than it is in a graphed step).
 
 One JSON line per shape: milliseconds per call by kernel, the calls per step, and the fastest.
 """
@@ -28,6 +30,7 @@ SD15 = [(4096, 4096, 8, 40, 5), (4096, 77, 8, 40, 5), (1024, 1024, 8, 80, 5), (1
 SDXL = [(4096, 4096, 10, 64, 4), (4096, 77, 10, 64, 4), (1024, 1024, 20, 64, 24), (1024, 77, 20, 64, 24)]
 MODELS = {"sd15": (16, SD15), "sdxl": (4, SDXL)}
 KERNELS = ["cudnn", "flash", "efficient", "math", "matmul"]
+SLEEP = 20_000_000  # GPU cycles slept while the timed calls queue (about 10 ms): GPU time, as the graphed step has
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -65,7 +68,7 @@ def measure(batch: int, nq: int, nk: int, h: int, d: int, backward: bool) -> dic
         try:
             with torch.set_grad_enabled(backward):
                 err = (call().float() - reference).abs().max().item()
-                row[kernel] = timed(call)
+                row[kernel] = timed(call, sleep_cycles=SLEEP)
             if err > 0.05:
                 row[kernel] = f"wrong: max error {err:.3g}"
         except RuntimeError as e:
