@@ -2,12 +2,12 @@
 
 On an H100 cuDNN's attention kernel measured 1.6-1.8x faster than flash attention for SD1.5's and
 SDXL's large attention shapes, forward and backward (`bench/attention.py`, bench/RESULTS.md). Recent
-PyTorch (2.11 measured) already prefers it there; older releases try flash attention first. But no kernel
-is fastest at every shape: at SD1.5's head sizes of 80 and 160, PyTorch's memory-efficient kernel beat
-cuDNN's by up to 1.8x on an H100 (`bench/attention_pick.py`). So `tuned` times cuDNN's, flash and the
-memory-efficient kernel once for each new shape of the UNet's attention (`attend`, forward and backward
-when training) and keeps the fastest; calls elsewhere try cuDNN first. `auto` puts cuDNN first on GPUs of
-that generation or newer.
+PyTorch (2.11 measured) already prefers it there; older releases try flash attention first. No kernel is
+sure to be fastest at every shape on every GPU, so `tuned` times cuDNN's, flash and the memory-efficient
+kernel once for each new shape of the UNet's attention (`attend`, forward and backward when training) and
+keeps the fastest; calls elsewhere try cuDNN first. On an H200 it kept cuDNN's at every SD1.5 batch-16 shape
+but one and the step took the same time (bench/RESULTS.md), so `auto` puts cuDNN first, without timing, on
+GPUs of that generation or newer.
 Where a kernel refuses a call (a mask it does not support, say) PyTorch falls through to the next one.
 """
 

@@ -216,8 +216,8 @@ class PerformanceConfig:
                         "1.6-1.8x faster than flash attention there for the large shapes), PyTorch's own order "
                         "elsewhere; `cudnn` or `flash` on any GPU; `tuned` = for each shape of the UNet's "
                         "attention, the fastest of cuDNN's, flash and memory-efficient attention, timed at its "
-                        "first call (with `fused_projections`; cuDNN's first elsewhere); `torch` = PyTorch's "
-                        "order.",
+                        "first call (with `fused_projections`; cuDNN's first elsewhere; no gain measured on an "
+                        "H200); `torch` = PyTorch's order.",
                         choices=["auto", "cudnn", "flash", "tuned", "torch"])
     cudnn_benchmark: bool = _f(False, "Let cuDNN time its convolution algorithms on the first step of each "
                                "batch shape and keep the fastest: seconds more before training, no "
