@@ -45,13 +45,16 @@
 #   bench/experiment.sh tuned OUT.jsonl    performance.attention=tuned (the fastest kernel per attention shape) against
 #                                          cudnn (the default on Hopper), interleaved, at batch 16; the 50-step fast =
 #                                          eager check and the tuned attention's GPU tests; then batch 1
+#   bench/experiment.sh leantf OUT.jsonl   the lean transformer blocks (performance.lean_transformers: residual sums inside
+#                                          the LayerNorm kernels) against diffusers' block, SD1.5 batch 16 twice and 1,
+#                                          interleaved; then their GPU tests and the 50-step fast = eager check
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -96,6 +99,13 @@ case $which in
     row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
     row bench/ours.py --batch 16
     row bench/ours.py --batch 16 --set performance.fused_geglu=false ;;
+  leantf)
+    for _ in 1 2; do
+      row bench/ours.py --batch 16; row bench/ours.py --batch 16 --set performance.lean_transformers=false
+    done
+    row bench/ours.py --batch 1; row bench/ours.py --batch 1 --set performance.lean_transformers=false
+    timeout 400 python3 -m pytest -q -m gpu tests/test_lean_transformer.py tests/test_layer_norm.py \
+      "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1 ;;
   lean)
     row bench/ours.py --batch 16
     row bench/ours.py --batch 16 --set performance.lean_resnets=false

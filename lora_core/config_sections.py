@@ -241,6 +241,10 @@ class PerformanceConfig:
                             "input to NCHW in training, its divide by an output scale of 1 and the convolutions' "
                             "separate bias passes (the biases join the time embedding and the shortcut): the "
                             "same maths in fewer passes. Previews use it too. Off = diffusers' block.")
+    lean_transformers: bool = _f(True, "Join each residual sum of the UNet's transformer blocks to the "
+                                 "LayerNorm after it: with fast_layer_norm on a GPU the sum runs inside the "
+                                 "norm's kernel, and its gradient is summed inside the norm's backward kernel "
+                                 "(the same maths in fewer passes). Previews use it too. Off = diffusers' block.")
     fused_lora: bool = _f(True, "Train each adapted linear layer through one hand-written forward and "
                           "backward (fewer, cheaper GPU kernels; the same maths). Off = the plain "
                           "three-layer path.")

@@ -27,6 +27,7 @@ from .fused_projections import fuse_projections
 from .geglu import use_fused_geglu
 from .half_norms import HALF, use_half_norms
 from .lean_resnet import use_lean_resnets
+from .lean_transformer import use_lean_transformers
 from .lora import LoRAModule
 
 if TYPE_CHECKING:
@@ -231,6 +232,9 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
     if perf.lean_resnets:
         log.info("ResNet blocks run without layout copies, divides by 1 or separate bias passes: %d blocks",
                  use_lean_resnets(model.unet))
+    if perf.lean_transformers:
+        log.info("transformer blocks sum their residuals inside the LayerNorms' kernels: %d blocks",
+                 use_lean_transformers(model.unet))
     # kept off for an fp16 base (no loss scaling here): under torch.compile the grouped adapters run as plain
     # autograd, whose weight gradients come out in the compute dtype, where fp32 ones matter
     if perf.fused_projections and model.unet.dtype != torch.float16:

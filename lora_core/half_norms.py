@@ -63,6 +63,15 @@ class HalfLayerNorm(nn.LayerNorm):
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
+    def add_norm(self, x: torch.Tensor, add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, self(s)) for the residual sum s = add + x (x itself where `add` is None): one kernel each way
+        where the row kernels apply, whose backward also sums the gradient s gets along the residual path."""
+        if self.rows and layer_norm.applies(x, self.normalized_shape, self.weight) and layer_norm.add_applies(x, add):
+            with torch.autocast(x.device.type, enabled=False):
+                return layer_norm.add_layer_norm(x, add, self.normalized_shape, self.weight, self.bias, self.eps)
+        s = x if add is None else add + x
+        return s, self(s)
+
 
 SWAPS = {nn.GroupNorm: HalfGroupNorm, nn.LayerNorm: HalfLayerNorm}
 

@@ -24,6 +24,7 @@ from .graphed_unet import graphed
 from .half_norms import use_half_norms
 from .inject import remove, set_multiplier, set_per_image
 from .lean_resnet import use_lean_resnets
+from .lean_transformer import use_lean_transformers
 from .lora import LoRAModule
 from .models import LoadedModel, load_model
 from .nhwc_norm import keep_channels_last, use_nhwc_norms
@@ -55,6 +56,7 @@ def cached_model(base: str, device: str = "auto") -> LoadedModel:
             keep_channels_last(model.unet)
             use_fused_geglu(model.unet)  # one kernel for the feed-forward's gate (lora_core/geglu.py)
             use_lean_resnets(model.unet)  # fewer passes per ResNet block (lora_core/lean_resnet.py)
+            use_lean_transformers(model.unet)  # residual sums inside the LayerNorms (lean_transformer.py)
         _models.clear()  # keep one base in memory
         _models[key] = model
     return _models[key]
