@@ -124,7 +124,9 @@ def test_unet_layer_norms_take_the_kernels_in_training(fast_tiny_unet, monkeypat
     monkeypatch.setattr(layer_norm._LayerNorm, "apply", lambda *a: calls.append(1) or real(*a))
     # channels-last, as training on a GPU runs: the blocks' tokens are then contiguous rows (in NCHW the first
     # norm of each block gets a transposed view, which PyTorch's LayerNorm takes)
-    unet = fast_tiny_unet("performance.fast_layer_norm=true", "performance.channels_last=on").cuda()
+    # the lean transformer blocks' norms take the residual variant (tests/test_lean_transformer.py)
+    unet = fast_tiny_unet("performance.fast_layer_norm=true", "performance.channels_last=on",
+                          "performance.lean_transformers=false").cuda()
     x = torch.randn(2, 4, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
     x.requires_grad_()  # the UNet's own weights are frozen
     ctx = torch.randn(2, 7, unet.config.cross_attention_dim, device="cuda")
