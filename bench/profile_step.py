@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--ops", action="store_true",
                     help="also the operators by GPU time (useful with performance.cuda_graphs=off: a graph's "
                          "replay hides which operator launched a kernel)")
+    ap.add_argument("--shapes", action="store_true",
+                    help="also the matrix products by input shapes, with their achieved rates (records shapes)")
     a = ap.parse_args()
     res = 512 if a.model == "full:sd15" else 1024
     data = tempfile.mkdtemp()
@@ -36,7 +38,7 @@ def main() -> None:
         f"model.base={a.model}", f"data.dir={data}", f"data.resolution={res}", "data.buckets=false",
         f"schedule.batch_size={a.batch}", "schedule.steps=30", "lora.rank=16", "lora.alpha=16", "lora.targets=attn",
         "lora.train_text_encoder=false", "sampling.enabled=false", "performance.log_every=10", *a.set])
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=a.shapes)
     for ev in train(cfg, run_dir=tempfile.mkdtemp() + "/run"):
         if ev.kind == "step" and ev.step == 20:
             torch.cuda.synchronize()
@@ -52,6 +54,8 @@ def main() -> None:
         table += "\noperators by their own kernels' time, per step: name, calls, ms\n" + "\n".join(
             f"{e.key:60s} {e.count / 10:8.1f} {e.self_device_time_total / 10_000:8.3f}" for e in ops[:40])
         table += "\n\nkernels by the operators that launched them, per step: kernels, ms, chain\n" + launchers(prof)
+    if a.shapes:
+        table += "\n\nmatrix products by input shapes, per step\n" + products(prof)
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000
     copies = sum("copy" in e.name.lower() for e in kernels)
@@ -62,6 +66,26 @@ def main() -> None:
     print(summary)
     if a.trace:
         prof.export_chrome_trace(a.trace)
+
+
+def products(prof: profile, top: int = 60, per: int = 10) -> str:
+    """aten::mm/addmm/addmm_ grouped by input shapes: calls and ms per step, with the TFLOP/s and the GB/s
+    (inputs read and output written once, 2 bytes an element) each group reached."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key not in ("aten::mm", "aten::addmm", "aten::addmm_") or e.self_device_time_total <= 0:
+            continue
+        shapes = [s for s in e.input_shapes if len(s) == 2]
+        a_, b_ = (shapes[-2], shapes[-1]) if len(shapes) >= 2 else ([0, 0], [0, 0])
+        m, k, n = a_[0], a_[1], b_[1]
+        us = e.self_device_time_total / e.count
+        tflops = 2 * m * k * n / us / 1e6
+        gbs = 2 * (m * k + k * n + m * n) / us / 1e3
+        rows.append((e.self_device_time_total / per / 1000, e.count / per, e.key, m, k, n, tflops, gbs))
+    rows.sort(reverse=True)
+    return "ms/step  calls  op  M x K x N  TFLOP/s  GB/s\n" + "\n".join(
+        f"{ms:7.3f} {c:6.1f}  {op:13s} {m:>6} x {k:>6} x {n:>6}  {tf:7.1f} {gb:7.0f}"
+        for ms, c, op, m, k, n, tf, gb in rows[:top])
 
 
 def launchers(prof: profile, top: int = 40, per: int = 10) -> str:
