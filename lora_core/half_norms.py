@@ -50,6 +50,15 @@ class HalfGroupNorm(nn.GroupNorm):
                 return nhwc_norm.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=True)
         return F.silu(self(x))
 
+    def with_residual(self, x: torch.Tensor, silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, self(x)), or with `silu` (x, F.silu(self(x))), for an input that also feeds a residual path,
+        which takes the x returned: where the channels-last kernels apply, the gradient x gets along that
+        path is summed inside the norm's backward kernel."""
+        if self.nhwc and nhwc_norm.applies(x, self.weight):
+            with torch.autocast(x.device.type, enabled=False):
+                return nhwc_norm.residual_group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
+        return x, self.with_silu(x) if silu else self(x)
+
 
 class HalfLayerNorm(nn.LayerNorm):
     rows = False  # set per module by use_half_norms

@@ -14,7 +14,8 @@ bench/RESULTS.md has the measurements):
 Here the first convolution's bias joins the time embedding (a [batch, channels] add) before the one add
 the block does anyway, and the second's joins the shortcut convolution's bias where the block has one.
 Where the GroupNorm runs lora_core/nhwc_norm.py's kernels, they apply the SiLU too (and recompute the norm's
-output in the backward pass rather than keep it). The results differ from diffusers' only by rounding: the
+output in the backward pass rather than keep it), and the first norm's backward kernel also sums the
+gradient the block's input gets through the shortcut, which autograd would add in a pass of its own. The results differ from diffusers' only by rounding: the
 order of those additions, and the SiLU taking the norm's fp32 output where diffusers' takes it rounded.
 
 The plain convolutions run through `_conv_forward` (and SD1's projections, lora_core/nhwc_norm.py, through
@@ -47,7 +48,7 @@ class LeanResnetBlock2D(ResnetBlock2D):
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
         if args or kwargs:  # diffusers' deprecated `scale` argument: let the parent warn about it
             return super().forward(input_tensor, temb, *args, **kwargs)
-        h = self._norm_act(self.norm1, input_tensor)
+        input_tensor, h = self._first_norm_act(input_tensor)
         h = self._conv1_with_time(h, temb)
         h = self._norm_act(self.norm2, h)
         if self.dropout.p > 0:
@@ -65,6 +66,13 @@ class LeanResnetBlock2D(ResnetBlock2D):
         if isinstance(norm, HalfGroupNorm) and type(self.nonlinearity) is nn.SiLU:
             return norm.with_silu(x)
         return self.nonlinearity(norm(x))
+
+    def _first_norm_act(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, nonlinearity(norm1(x))), the x returned for the shortcut: where norm1's kernels take x, the
+        gradient it gets through the shortcut is summed inside the norm's backward kernel."""
+        if isinstance(self.norm1, HalfGroupNorm) and type(self.nonlinearity) is nn.SiLU:
+            return self.norm1.with_residual(x, silu=True)
+        return x, self.nonlinearity(self.norm1(x))
 
     def _conv1_with_time(self, h: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         """conv1(h) + time embedding, conv1's bias added to the embedding rather than to the image."""

@@ -284,10 +284,10 @@ if triton is not None:
         tl.store(PART + total + off, tl.sum(tl.load(row + at, mask=gmask, other=0.0) * w_gc, axis=1), mask=out)
 
     @triton.jit
-    def _grad_input(X, DY, DX, W, B, MEAN, RSTD, PART, MEANS, total, rows, inv_count, c, groups, gpp,
-                    s_n, s_r, s_c, d_n, d_r, d_c, o_n, o_r, o_c, per, splits, CG: tl.constexpr,
-                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
+    def _grad_input(X, DY, DX, W, B, MEAN, RSTD, PART, MEANS, DS, total, rows, inv_count, c, groups, gpp,
+                    s_n, s_r, s_c, d_n, d_r, d_c, o_n, o_r, o_c, e_n, e_r, e_c, per, splits, CG: tl.constexpr,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, HAS_DS: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr):
         n = tl.program_id(0)
         s = tl.program_id(1)
         # each group's mean of w * dy and of w * dy * xhat, stored alike by every program of the sample
@@ -305,6 +305,7 @@ if triton is not None:
         xs = X + n.to(tl.int64) * s_n + ch.to(tl.int64)[None, :] * s_c
         ds = DY + n.to(tl.int64) * d_n + ch.to(tl.int64)[None, :] * d_c
         os = DX + n.to(tl.int64) * o_n + ch.to(tl.int64)[None, :] * o_c
+        es = DS + n.to(tl.int64) * e_n + ch.to(tl.int64)[None, :] * e_c
         r_start = s * per
         r_end = tl.minimum(r_start + per, rows)
         for r0 in range(r_start, r_end, BLOCK_R):
@@ -315,6 +316,8 @@ if triton is not None:
             xhat = (x - mean[None, :]) * rstd[None, :]
             dy = _silu_grad(dy, xhat, w, b, SILU)
             dx = rstd[None, :] * (dy * w[None, :] - mean_a[None, :] - xhat * mean_b[None, :])
+            if HAS_DS:  # the gradient the input also gets along the residual path, summed here
+                dx += tl.load(es + r[:, None] * e_r, mask=mask, other=0.0).to(tl.float32)
             tl.store(os + r[:, None] * o_r, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -341,9 +344,10 @@ def _launch_forward(x: torch.Tensor, groups: int, weight: torch.Tensor | None, b
 
 
 def _launch_backward(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                     stats: torch.Tensor, groups: int, silu: bool,
-                     input_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The backward kernels: the input's gradient (if `input_grad`) and each program's fp32 partials of the
+                     stats: torch.Tensor, groups: int, silu: bool, input_grad: bool,
+                     ds: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The backward kernels: the input's gradient (if `input_grad`; plus `ds`, a gradient of x's shape in a
+    `_mergeable` layout that x gets along another path, where given) and each program's fp32 partials of the
     weight's and bias's gradients, [programs, 2, C]. `bias` is needed only to recompute the SiLU's input."""
     n, c, h, w = x.shape
     rows, cg = h * w, c // groups
@@ -361,8 +365,9 @@ def _launch_backward(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | N
     if input_grad:
         dx = torch.empty_like(x)
         means = torch.empty(2 * n * groups, device=x.device, dtype=torch.float32)
-        launch(_grad_input, grid, x, dy, dx, w_arg, b_arg, stats[0], stats[1], part, means, total, rows,
-               1.0 / (rows * cg), c, groups, gpp, *_view(x), *_view(dy), *_view(dx), per, splits,
+        launch(_grad_input, grid, x, dy, dx, w_arg, b_arg, stats[0], stats[1], part, means,
+               ds if ds is not None else x, total, rows, 1.0 / (rows * cg), c, groups, gpp, *_view(x), *_view(dy),
+               *_view(dx), *_view(ds if ds is not None else x), per, splits, HAS_DS=ds is not None,
                BLOCK_S=triton.next_power_of_2(splits), **flags)
     return dx, dwb
 
@@ -384,13 +389,39 @@ class _GroupNormNHWC(torch.autograd.Function):
             dy = dy.contiguous(memory_format=torch.channels_last)
         with kernel_builds.noting(ctx.records):
             dx, dwb = _launch_backward(x, dy, weight, bias, stats, ctx.groups, ctx.silu, ctx.needs_input_grad[0])
-        dweight = dbias = None
-        sums = dwb.sum(0) if ctx.needs_input_grad[2] or ctx.needs_input_grad[3] else None
-        if weight is not None and ctx.needs_input_grad[2]:
-            dweight = sums[0].to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-            dbias = sums[1].to(ctx.bias_dtype)
-        return dx, None, dweight, dbias, None, None
+        return dx, None, *_param_grads(ctx, weight, dwb), None, None
+
+
+def _param_grads(ctx, weight: torch.Tensor | None, dwb: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The weight's and bias's gradients from the programs' partials, where they are wanted."""
+    dweight = dbias = None
+    sums = dwb.sum(0) if ctx.needs_input_grad[2] or ctx.needs_input_grad[3] else None
+    if weight is not None and ctx.needs_input_grad[2]:
+        dweight = sums[0].to(weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        dbias = sums[1].to(ctx.bias_dtype)
+    return dweight, dbias
+
+
+class _GroupNormNHWCResidual(torch.autograd.Function):
+    """(x, GroupNorm(x) [with SiLU]) for an input that also feeds a residual path: x comes back as it is, and
+    in the backward the gradient it gets along that path is summed into the norm's input gradient inside the
+    kernel, where autograd would add the two in a pass of its own."""
+
+    @staticmethod
+    def forward(ctx, x, groups, weight, bias, eps, silu):
+        y = _GroupNormNHWC.forward(ctx, x, groups, weight, bias, eps, silu)
+        return x, y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ds, dy):
+        x, weight, bias, stats = ctx.saved_tensors
+        dy, ds = (t if _mergeable(t) else t.contiguous(memory_format=torch.channels_last) for t in (dy, ds))
+        with kernel_builds.noting(ctx.records):
+            dx, dwb = _launch_backward(x, dy, weight, bias, stats, ctx.groups, ctx.silu, ctx.needs_input_grad[0],
+                                       ds if ctx.needs_input_grad[0] else None)
+        return dx, None, *_param_grads(ctx, weight, dwb), None, None
 
 
 def _probe(like: torch.Tensor) -> None:
@@ -471,28 +502,48 @@ def keep_channels_last(unet: nn.Module) -> int:
     return len(blocks)
 
 
+def _ready(x: torch.Tensor) -> bool:
+    """Whether the kernels run on this machine. The first call builds and runs them on a small tensor (a
+    dry run only notes that probe's launches); a machine without what Triton needs falls back for good."""
+    if _state["worked"]:
+        return True
+    try:
+        with on_device(x):
+            _probe(x)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        if recording_launches():
+            raise
+        _state["failed"] = True
+        log.warning("the channels-last GroupNorm kernels do not run here, PyTorch's GroupNorm runs instead: %s", e)
+        return False
+    if not recording_launches():  # a dry run notes the launches and leaves the state
+        _state["worked"] = True
+    return True
+
+
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float, silu: bool = False) -> torch.Tensor:
     """F.group_norm for a tensor `applies` accepts, in its own layout; with `silu`, F.silu of it in the same
     kernels (the backward recomputes the norm's output instead of keeping it)."""
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
-    if recording_launches() and not _state["worked"]:  # a dry run notes the first call's probe too
-        with on_device(x):
-            _probe(x)
-    if _state["worked"] or recording_launches():  # a dry run notes the launches and leaves the state
-        with on_device(x):  # Triton launches on the current device (autograd's backward
-            return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)  # thread sets the tensor's)
-    try:  # the first call builds the kernels: a machine without what Triton needs falls back for good
-        with on_device(x):
-            _probe(x)
-            y = _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as e:
-        _state["failed"] = True
-        log.warning("the channels-last GroupNorm kernels do not run here, PyTorch's GroupNorm runs instead: %s", e)
+    if not _ready(x):
         y = F.group_norm(x, groups, weight, bias, eps)
         return F.silu(y) if silu else y
-    _state["worked"] = True
-    return y
+    with on_device(x):  # Triton launches on the current device (autograd's backward thread sets the tensor's)
+        return _GroupNormNHWC.apply(x, groups, weight, bias, eps, silu)
+
+
+def residual_group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                        eps: float, silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, group_norm(x, ...)) for an input that also feeds a residual path, which takes the x returned: its
+    gradient along that path is summed into the norm's backward kernel (`_GroupNormNHWCResidual`)."""
+    if x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
+    if not _ready(x):
+        y = F.group_norm(x, groups, weight, bias, eps)
+        return x, F.silu(y) if silu else y
+    with on_device(x):
+        return _GroupNormNHWCResidual.apply(x, groups, weight, bias, eps, silu)

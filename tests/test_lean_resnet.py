@@ -1,10 +1,16 @@
 """The lean ResNet blocks (lora_core/lean_resnet.py) against diffusers' ResnetBlock2D: the same outputs and
 gradients (parameters' too), channels-last kept without a layout copy, adapters on the convolutions
-honoured, and blocks the lean forward does not cover left as they are."""
+honoured, blocks the lean forward does not cover left as they are, and the first GroupNorm's kernels
+summing the shortcut's gradient (lora_core/nhwc_norm.py, `residual_group_norm`; in Triton's interpreter on
+the CPU)."""
 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -152,15 +158,85 @@ def test_lean_block_on_the_gpu_fuses_each_silu_into_its_groupnorm(out_channels, 
     fast = copy.deepcopy(ref).to(torch.bfloat16)
     use_half_norms(fast, nhwc=True)
     assert use_lean_resnets(fast) == 1
-    fused = []
-    real = nhwc_norm.group_norm
+    fused, residual = [], []
+    real, real_residual = nhwc_norm.group_norm, nhwc_norm.residual_group_norm
     monkeypatch.setattr(nhwc_norm, "group_norm", lambda *a, **k: fused.append(k.get("silu")) or real(*a, **k))
+    monkeypatch.setattr(nhwc_norm, "residual_group_norm",
+                        lambda *a, **k: residual.append(k.get("silu")) or real_residual(*a, **k))
     x = torch.randn(2, 320, 32, 32, device="cuda").to(memory_format=CL)
     temb, grad = torch.randn(2, 1280, device="cuda"), torch.randn(2, out_channels, 32, 32, device="cuda")
     want, want_dx, _ = _run(ref.train(), x, temb, grad)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got, got_dx, _ = _run(fast.train(), x.bfloat16(), temb, grad.bfloat16())
-    assert fused == [True, True]
+    assert residual == [True] and fused == [True]  # norm1 also sums the shortcut's gradient
     assert got.is_contiguous(memory_format=CL)
     for a, b in ((got, want), (got_dx, want_dx)):
         assert ((a.float() - b).abs().max() / b.abs().max()).item() < 3e-2
+
+
+INTERPRETED = textwrap.dedent("""
+    import copy, torch, torch.nn.functional as F
+    from diffusers.models.resnet import ResnetBlock2D
+    from lora_core import nhwc_norm
+    from lora_core.half_norms import use_half_norms
+    from lora_core.lean_resnet import use_lean_resnets
+    nhwc_norm.TILE = 64  # several tiles per program, several programs per sample
+    torch.manual_seed(0)
+    CL = torch.channels_last
+    worst = {}
+
+    def err(name, a, r):
+        worst[name] = max(worst.get(name, 0.0), ((a.double() - r.double()).abs().max() / r.double().abs().max()).item())
+
+    # residual_group_norm against x and a separate GroupNorm (and SiLU), the residual's gradient in either layout
+    for dtype in (torch.float32, torch.bfloat16):
+        for silu, ds_layout in ((False, CL), (True, CL), (True, torch.contiguous_format)):
+            x = (torch.randn(2, 12, 5, 7) * 3 + 2).to(dtype).contiguous(memory_format=CL).requires_grad_()
+            w = (torch.randn(12) + 1).to(dtype)
+            b = torch.randn(12).to(dtype)
+            gs = torch.randn(2, 12, 5, 7).to(dtype).contiguous(memory_format=ds_layout)
+            gy = torch.randn(2, 12, 5, 7).to(dtype).contiguous(memory_format=CL)
+            s, y = nhwc_norm.residual_group_norm(x, 3, w, b, 1e-5, silu=silu)
+            assert s.data_ptr() == x.data_ptr() and y.is_contiguous(memory_format=CL)
+            (dx,) = torch.autograd.grad([s, y], [x], [gs, gy])
+            rx = x.detach().double().requires_grad_()
+            ry = F.group_norm(rx, 3, w.double(), b.double(), 1e-5)
+            ry = F.silu(ry) if silu else ry
+            (want,) = torch.autograd.grad([rx, ry], [rx], [gs.double(), gy.double()])
+            err(str(dtype), y, ry)
+            err(str(dtype), dx, want)
+
+    # lean blocks whose norms take the kernels against diffusers' blocks, in fp32: identity and conv shortcuts
+    nhwc_norm.applies = lambda *args, **kwargs: True  # CPU tensors, which the interpreter runs
+    calls = []
+    real = nhwc_norm._GroupNormNHWCResidual.apply
+    nhwc_norm._GroupNormNHWCResidual.apply = lambda *args: calls.append(1) or real(*args)
+    for out_channels in (16, 24):
+        ref = ResnetBlock2D(in_channels=16, out_channels=out_channels, temb_channels=8, groups=4).train()
+        lean = copy.deepcopy(ref)
+        use_half_norms(lean, nhwc=True)
+        assert use_lean_resnets(lean) == 1
+        x = torch.randn(2, 16, 6, 5).contiguous(memory_format=CL)
+        temb, g = torch.randn(2, 8), torch.randn(2, out_channels, 6, 5).contiguous(memory_format=CL)
+        results = []
+        for block in (ref, lean):
+            xi = x.clone().requires_grad_()
+            out = block(xi, temb)
+            results.append([out, *torch.autograd.grad(out, [xi, *block.parameters()], g)])
+        for a, r in zip(results[1], results[0], strict=True):
+            err("block", a, r)
+    assert len(calls) == 2, calls
+    print("worst", worst["torch.float32"], worst["torch.bfloat16"], worst["block"])
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead (older "
+                    "Triton interpreters fail on NumPy 2)")
+def test_first_norm_sums_the_shortcut_gradient_in_the_interpreter():
+    pytest.importorskip("triton")
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fp32, bf16, block = map(float, out.stdout.split("worst")[-1].split())
+    assert fp32 < 1e-5 and bf16 < 3e-2 and block < 1e-4, out.stdout  # against float64; bf16 rounding
