@@ -48,13 +48,17 @@
 #   bench/experiment.sh leantf OUT.jsonl   the lean transformer blocks (performance.lean_transformers: residual sums inside
 #                                          the LayerNorm kernels) against diffusers' block, SD1.5 batch 16 twice and 1,
 #                                          interleaved; then their GPU tests and the 50-step fast = eager check
+#   bench/experiment.sh residual OUT.jsonl the ResNet blocks' first GroupNorm summing the shortcut's gradient in its
+#                                          kernel against the previous commit's tree (unpacked in .prev), SD1.5 batch 16,
+#                                          interleaved, twice; the lean blocks' GPU tests and the 50-step fast = eager check;
+#                                          (beside OUT) the eager batch-16 profile with the matrix products by shape
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
@@ -106,6 +110,16 @@ case $which in
     row bench/ours.py --batch 1; row bench/ours.py --batch 1 --set performance.lean_transformers=false
     timeout 400 python3 -m pytest -q -m gpu tests/test_lean_transformer.py tests/test_layer_norm.py \
       "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1 ;;
+  residual)
+    [ -d .prev/lora_core ] || { echo "unpack the tree to compare against: git archive REV lora_core bench | tar -x -C .prev" >&2; exit 2; }
+    [ -e .prev/assets ] || ln -s ../assets .prev/assets
+    old() { (cd .prev && PYTHONPATH=$(pwd):${PYTHONPATH} timeout 300 python3 bench/ours.py "$@" 2>>"${out%.jsonl}.log" \
+             | grep '^{' | sed 's/^{/{"tree": "previous", /' >>"$out"); }
+    for _ in 1 2; do row bench/ours.py --batch 16; old --batch 16; done
+    timeout 300 python3 -m pytest -q -m gpu tests/test_lean_resnet.py tests/test_lean_transformer.py \
+      "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1
+    timeout 240 python3 bench/profile_step.py --batch 16 --ops --shapes --set performance.cuda_graphs=off \
+      --set performance.channels_last=on --out "${out%.jsonl}-profile-b16.txt" >>"${out%.jsonl}.log" 2>&1 ;;
   lean)
     row bench/ours.py --batch 16
     row bench/ours.py --batch 16 --set performance.lean_resnets=false
