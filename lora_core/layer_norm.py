@@ -225,9 +225,10 @@ def _probe(like: torch.Tensor) -> None:
     enclosing gradient checkpoint's recording, which its recomputation would then not match)."""
     x = torch.zeros(16, 16, device=like.device, dtype=like.dtype)
     ones = torch.ones(16, device=like.device, dtype=like.dtype)
-    for weight, param_grads in ((None, False), (ones, True)):  # the variants with and without parameters
-        _, mean, rstd, _ = _launch_forward(x, weight, weight, 1e-5)
-        _launch_backward(x, x, weight, mean, rstd, param_grads)
+    for weight, param_grads in ((None, False), (ones, True)):  # without parameters; with them and a residual
+        residual = x if weight is not None else None
+        _, mean, rstd, _ = _launch_forward(x, weight, weight, 1e-5, add=residual)
+        _launch_backward(x, x, weight, mean, rstd, param_grads, ds2=residual)
 
 
 def _ready(x: torch.Tensor) -> bool:

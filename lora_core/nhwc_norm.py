@@ -425,13 +425,13 @@ class _GroupNormNHWCResidual(torch.autograd.Function):
 
 
 def _probe(like: torch.Tensor) -> None:
-    """Build and run the forward and backward kernels (weight, bias and SiLU: every branch) on a small tensor
+    """Build and run the forward and backward kernels (weight, bias, SiLU, residual: every branch) on a small tensor
     of `like`'s device and dtype, launched directly rather than through autograd (a probe that saved tensors
     would join an enclosing gradient checkpoint's recording, which its recomputation would then not match)."""
     x = torch.zeros(1, 4, 4, 64, device=like.device, dtype=like.dtype).permute(0, 3, 1, 2)  # channels-last
     ones = torch.ones(64, device=like.device, dtype=like.dtype)
     _, stats = _launch_forward(x, 32, ones, ones, 1e-5, True)
-    _launch_backward(x, x, ones, ones, stats, 32, True, True)
+    _launch_backward(x, x, ones, ones, stats, 32, True, True, ds=x)  # with a residual's gradient summed
 
 
 class NHWCGroupNorm(nn.GroupNorm):

@@ -110,7 +110,7 @@ def test_backward_kernels_that_do_not_build_fall_back_at_the_first_call(monkeypa
     monkeypatch.setitem(nhwc_norm._state, "failed", False)
     monkeypatch.setattr(nhwc_norm, "_launch_forward", lambda x, groups, *a: (
         torch.empty_like(x), torch.zeros(2, x.shape[0] * groups)))
-    monkeypatch.setattr(nhwc_norm, "_launch_backward", lambda *a: (_ for _ in ()).throw(RuntimeError("no ptxas")))
+    monkeypatch.setattr(nhwc_norm, "_launch_backward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no ptxas")))
     monkeypatch.setattr(nhwc_norm, "on_device", lambda x: contextlib.nullcontext())
     x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(8), torch.randn(8)
