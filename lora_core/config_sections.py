@@ -248,6 +248,10 @@ class PerformanceConfig:
     fused_lora: bool = _f(True, "Train each adapted linear layer through one hand-written forward and "
                           "backward (fewer, cheaper GPU kernels; the same maths). Off = the plain "
                           "three-layer path.")
+    low_rank_kernel: bool = _f(False, "With fused_lora on a GPU, add each adapter's low-rank product (and the "
+                               "base layer's bias) into the layer's output, and its share into the input's "
+                               "gradient, in one Triton kernel instead of cuBLAS's rank-16 products onto the "
+                               "output. Off until its effect on the step is measured.")
     fused_projections: bool = _f(True, "Compute the q, k and v projections of each UNet self-attention (k and v "
                                  "of cross-attention) as one matrix product, adapters included: fewer, larger "
                                  "GPU kernels, no extra memory, the plain adapter path's maths (not used with "

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import nhwc_norm
+from . import low_rank, nhwc_norm
 from .fused_projections import fuse_projections
 from .geglu import use_fused_geglu
 from .half_norms import HALF, use_half_norms
@@ -232,6 +232,7 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
     if perf.lean_resnets:
         log.info("ResNet blocks run without layout copies, divides by 1 or separate bias passes: %d blocks",
                  use_lean_resnets(model.unet))
+    low_rank.enable(perf.low_rank_kernel)
     if perf.lean_transformers:
         log.info("transformer blocks sum their residuals inside the LayerNorms' kernels: %d blocks",
                  use_lean_transformers(model.unet))

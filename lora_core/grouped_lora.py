@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import low_rank
 from .lora_fused import _mm_as, compute_dtype
 
 
@@ -50,7 +51,7 @@ class _GroupedLoRAFn(torch.autograd.Function):
         zs = torch.mm(x, down.t()).mul_(scale)  # [N, G x rank]: small, so the scale costs nothing here
         y = F.linear(x, weight)
         for y_i, z_i, u in zip(y.split(_outs(ups), 1), zs.split(_ranks(ups), 1), ups, strict=True):
-            y_i.addmm_(z_i, u.t())  # into the member's columns, in place
+            low_rank.add_(y_i, z_i, u)  # into the member's columns, in place
         ctx.save_for_backward(x, weight, down, zs, *ups)
         ctx.scale, ctx.dtypes = scale, [p.dtype for p in params]
         return y
@@ -71,7 +72,7 @@ class _GroupedLoRAFn(torch.autograd.Function):
             rows = _mm_as(gz.t(), x, ctx.dtypes[0]).split(_ranks(ups))
             grad_downs = [r.to(dt) if need else None for r, dt, need in zip(rows, ctx.dtypes[:g], needs[:g],
                                                                          strict=True)]
-        grad_x = torch.mm(gy, weight).addmm_(gz, down) if ctx.needs_input_grad[0] else None
+        grad_x = low_rank.add_(torch.mm(gy, weight), gz, down.t()) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None, *grad_downs, *grad_ups
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import low_rank
 from .half_norms import HALF
 
 # cuBLAS can write a half-precision product straight into an fp32 output (torch.mm's out_dtype, CUDA, torch
@@ -36,14 +37,15 @@ class _LoRALinearFn(torch.autograd.Function):
         d = down.to(x.dtype) if work_down is None else work_down.to(x.dtype)
         u = up.to(x.dtype) if work_up is None else work_up.to(x.dtype)
         zs = torch.mm(x, d.t()).mul_(scale)  # [N, r]: small, so the scale costs nothing here
-        y = F.linear(x, weight, bias)
         if torch.compiler.is_compiling():
             # out of place: torch 2.11's Dynamo returns each intermediate of an autograd.Function's forward
             # as an extra output, and the alias of `y` made by addmm_ took the gradient meant for `y`; the
             # backward got zeros and no adapter trained (pytorch issue 180642, fixed in 2.12)
-            y = torch.addmm(y, zs, u.t())
+            y = torch.addmm(F.linear(x, weight, bias), zs, u.t())
+        elif low_rank.applies(x, zs, u):  # the bias rides on the adapter's pass (lora_core/low_rank.py)
+            y = low_rank.add_(torch.mm(x, weight.t()), zs, u, bias)
         else:
-            y.addmm_(zs, u.t())
+            y = F.linear(x, weight, bias).addmm_(zs, u.t())
         ctx.save_for_backward(x, weight, d, u, zs)
         ctx.scale, ctx.param_dtypes = scale, (down.dtype, up.dtype)
         return y  # not a view: callers may change it in place
@@ -57,7 +59,7 @@ class _LoRALinearFn(torch.autograd.Function):
         need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
         grad_down = _mm_as(gz.t(), x, ctx.param_dtypes[0]) if need_down else None
         grad_up = _mm_as(g.t(), zs, ctx.param_dtypes[1]) if need_up else None
-        grad_x = torch.mm(g, weight).addmm_(gz, d) if need_x else None
+        grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t()) if need_x else None
         return grad_x, None, None, grad_down, grad_up, None, None, None
 
 

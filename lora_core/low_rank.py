@@ -1,0 +1,111 @@
+"""Adding an adapter's low-rank product into a half-precision output in one Triton kernel
+(`performance.low_rank_kernel`).
+
+The hand-written LoRA functions (lora_core/lora_fused.py, grouped_lora.py) add the adapter's product into
+the base layer's output, y += (x D^T) U^T, and in the backward pass its share into the input's gradient,
+dx += gz D. cuBLAS runs these as rank-16 products onto the output (addmm_), and in an SD1.5 batch-16 step
+on an H100 the largest of them moved their bytes at about 1.9 TB/s, a third of their time above what the
+memory allows (`bench/profile_step.py --shapes`, bench/RESULTS.md). Here each program reads a tile of y and
+the few rows of the two thin factors it needs, and writes the tile back: the same sum in the same fp32
+accumulator, one rounding, with the base layer's bias added in the same pass (the base product then runs
+without it). Off by default until its effect on the step is measured; elsewhere cuBLAS's addmm_ runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .kernel_builds import launch, recording_launches
+from .nhwc_norm import HALF, on_device, supports
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: addmm_ runs
+    triton = None
+
+log = logging.getLogger(__name__)
+
+BLOCK_M, BLOCK_N, WARPS = 128, 64, 4
+MAX_RANK = 128  # the thin factors' width at most (a grouped layer's ranks together)
+
+_state = {"enabled": False, "failed": False, "worked": False}  # the switch; the kernel failed here / ran
+
+
+def enable(on: bool) -> None:
+    """Turn the kernel on or off for the hand-written LoRA functions (`performance.low_rank_kernel`)."""
+    _state["enabled"] = on
+
+
+def applies(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether `add_` takes this call: switched on, Triton working, half-precision CUDA tensors of one dtype,
+    y [m, n] and z [m, r] with unit column steps, u [n, r] in any layout, outside torch.compile."""
+    return (_state["enabled"] and triton is not None and not _state["failed"] and y.is_cuda and y.dim() == 2
+            and y.dtype in HALF and z.dtype == u.dtype == y.dtype and y.stride(1) == 1 and z.stride(1) == 1
+            and z.shape[1] <= MAX_RANK and not torch.compiler.is_compiling() and supports(y.device.index or 0))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add(Y, Z, U, B, m, n, r, y_m, z_m, u_n, u_r, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.arange(0, BLOCK_R)
+        rmask, cmask, kmask = rows < m, cols < n, k < r
+        z = tl.load(Z + rows.to(tl.int64)[:, None] * z_m + k[None, :], mask=rmask[:, None] & kmask[None, :],
+                    other=0.0)
+        ut = tl.load(U + cols[None, :] * u_n + k[:, None] * u_r, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        # [BLOCK_M, BLOCK_N] in fp32, from fp32 operands: on a GPU TF32 products, exact for half-precision
+        # values (Triton's interpreter mishandles half-precision operands of tl.dot)
+        acc = tl.dot(z.to(tl.float32), ut.to(tl.float32))
+        if HAS_B:
+            acc += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        at = Y + rows.to(tl.int64)[:, None] * y_m + cols[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        y = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(at, (y + acc).to(Y.dtype.element_ty), mask=mask)
+
+
+def _launch(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> None:
+    m, n = y.shape
+    r = z.shape[1]
+    with on_device(y):
+        launch(_add, (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N)), y, z, u, bias if bias is not None else y,
+               m, n, r, y.stride(0), z.stride(0), u.stride(0), u.stride(1), HAS_B=bias is not None,
+               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=max(16, triton.next_power_of_2(r)), num_warps=WARPS)
+
+
+def _ready(like: torch.Tensor) -> bool:
+    """Whether the kernel runs here: the first call builds and runs it on small tensors (a dry run only notes
+    that); a machine without what Triton needs falls back to addmm_ for good."""
+    if _state["worked"]:
+        return True
+    try:
+        y = torch.zeros(16, 16, device=like.device, dtype=like.dtype)
+        _launch(y, y, y, y[0])
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        if recording_launches():
+            raise
+        _state["failed"] = True
+        log.warning("the low-rank add kernel does not run here, cuBLAS's addmm_ runs instead: %s", e)
+        return False
+    if not recording_launches():
+        _state["worked"] = True
+    return True
+
+
+def add_(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y += z @ u^T (+ bias), in place, and y: y [m, n], z [m, r], u [n, r], bias [n]. The kernel where
+    `applies` takes the call, else the same sum through PyTorch (no grad: used inside autograd functions)."""
+    if applies(y, z, u) and (bias is None or (bias.dtype == y.dtype and bias.is_contiguous())) and _ready(y):
+        _launch(y, z, u, bias)
+        return y
+    if bias is not None:
+        y.add_(bias)
+    return y.addmm_(z, u.t())

@@ -1,0 +1,140 @@
+"""The low-rank add kernel (lora_core/low_rank.py) against addmm_: values for the shapes and layouts the
+LoRA functions pass (column slices of a grouped output, a transposed factor, ranks that are not a power of
+two, a bias), and the LoRA functions' outputs and gradients with and without it. On the CPU the kernel runs
+in Triton's interpreter (in a subprocess); on a GPU compiled, in bf16, at SD1.5's shapes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lora_core import low_rank
+from lora_core.lora_fused import _LoRALinearFn
+
+INTERPRETED = textwrap.dedent("""
+    import torch
+    from lora_core import low_rank
+    from lora_core.grouped_lora import _GroupedLoRAFn
+    from lora_core.lora_fused import _LoRALinearFn
+    low_rank.BLOCK_M, low_rank.BLOCK_N = 16, 16  # several programs each way
+    low_rank.enable(True)
+    low_rank.applies = lambda *args: low_rank._state["enabled"]  # CPU tensors, which the interpreter runs
+    torch.manual_seed(0)
+    worst = {}
+
+    def err(name, a, r):
+        worst[name] = max(worst.get(name, 0.0), ((a.double() - r.double()).abs().max() / r.double().abs().max()).item())
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for m, n, r, bias, kind in ((37, 40, 16, True, "plain"), (50, 33, 48, False, "slice"), (20, 24, 5, False, "t")):
+            y = torch.randn(m, 3 * n if kind == "slice" else n).to(dtype)
+            target = y[:, n:2 * n] if kind == "slice" else y
+            z = torch.randn(m, r).to(dtype)
+            u = torch.randn(r, n).to(dtype).t() if kind == "t" else torch.randn(n, r).to(dtype)
+            b = torch.randn(n).to(dtype) if bias else None
+            want = target.double() + z.double() @ u.double().t() + (b.double() if bias else 0)
+            before = y.clone()
+            assert low_rank.add_(target, z, u, b) is target
+            err(str(dtype), target, want)
+            if kind == "slice":  # the other columns untouched
+                assert torch.equal(y[:, :n], before[:, :n]) and torch.equal(y[:, 2 * n:], before[:, 2 * n:])
+
+    # the LoRA functions with the kernel against addmm_ (fp32): outputs and every gradient
+    x = torch.randn(30, 24, requires_grad=True)
+    w, b = torch.randn(20, 24), torch.randn(20)
+    d, u = torch.randn(4, 24, requires_grad=True), torch.randn(20, 4, requires_grad=True)
+    g = torch.randn(30, 20)
+    ws = torch.randn(3 * 8, 24)
+    ps = [torch.randn(4, 24, requires_grad=True) for _ in range(3)] + [torch.randn(8, 4, requires_grad=True) for _ in range(3)]
+    gg = torch.randn(30, 24)
+    results = []
+    for on in (True, False):
+        low_rank.enable(on)
+        y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
+        single = [y, *torch.autograd.grad(y, [x, d, u], g)]
+        yg = _GroupedLoRAFn.apply(x, ws, 0.5, [p.detach() for p in ps], *ps)
+        grouped = [yg, *torch.autograd.grad(yg, [x, *ps], gg)]
+        results.append(single + grouped)
+    for a, r in zip(*results, strict=True):
+        err("functions", a, r)
+    print("worst", worst["torch.float32"], worst["torch.bfloat16"], worst["functions"])
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernel is tested instead (older "
+                    "Triton interpreters fail on NumPy 2)")
+def test_kernel_matches_addmm_in_the_interpreter():
+    pytest.importorskip("triton")
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fp32, bf16, functions = map(float, out.stdout.split("worst")[-1].split())
+    assert fp32 < 1e-5 and bf16 < 1e-2 and functions < 1e-5, out.stdout  # against float64; bf16 rounding
+
+
+def test_cpu_tensors_take_addmm_with_the_same_sum():
+    low_rank.enable(True)
+    try:
+        y, z, u, b = torch.randn(6, 5), torch.randn(6, 2), torch.randn(5, 2), torch.randn(5)
+        assert not low_rank.applies(y, z, u)
+        want = y + z @ u.t() + b
+        torch.testing.assert_close(low_rank.add_(y, z, u, b), want)
+    finally:
+        low_rank.enable(False)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_switch_turns_the_kernel_on(on, fast_tiny_unet):
+    try:
+        fast_tiny_unet(f"performance.low_rank_kernel={str(on).lower()}")
+        assert low_rank._state["enabled"] == on
+    finally:
+        low_rank.enable(False)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(("m", "n", "r"), [(65536, 320, 16), (16384, 640, 16), (4096, 1280, 48), (1232, 1280, 16)])
+def test_kernel_matches_addmm_on_the_gpu(m, n, r):
+    torch.manual_seed(0)
+    low_rank.enable(True)
+    try:
+        y = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        z = torch.randn(m, r, device="cuda", dtype=torch.bfloat16)
+        u = torch.randn(n, r, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        assert low_rank.applies(y, z, u)
+        want = y.float() + z.float() @ u.float().t() + b.float()
+        got = low_rank.add_(y.clone(), z, u, b)
+        assert ((got.float() - want).abs().max() / want.abs().max()).item() < 1e-2
+    finally:
+        low_rank.enable(False)
+
+
+@pytest.mark.gpu
+@gpu
+def test_lora_functions_agree_with_and_without_the_kernel_on_the_gpu():
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(8192, 320, device=dev, dtype=dt, requires_grad=True)
+    w, b = torch.randn(320, 320, device=dev, dtype=dt) / 18, torch.randn(320, device=dev, dtype=dt)
+    d = torch.randn(16, 320, device=dev, requires_grad=True)
+    u = torch.randn(320, 16, device=dev, requires_grad=True)
+    g = torch.randn(8192, 320, device=dev, dtype=dt)
+    results = []
+    for on in (True, False):
+        low_rank.enable(on)
+        y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
+        results.append([y, *torch.autograd.grad(y, [x, d, u], g)])
+    low_rank.enable(False)
+    for a, r in zip(*results, strict=True):
+        assert ((a.float() - r.float()).abs().max() / r.float().abs().max()).item() < 2e-2
