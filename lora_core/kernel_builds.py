@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any
@@ -54,6 +54,28 @@ class _Pointer:
 
     def __hash__(self) -> int:
         return hash((self.dtype, self.offset))
+
+
+def ready(state: dict, probe: Callable[[], None], fallback: str) -> bool:
+    """Whether a module's kernels run on this machine. The first call builds and runs them through `probe`
+    on small tensors (a dry run only notes that probe's launches and leaves `state`); on a machine without
+    what Triton needs they fail, and `state["failed"]` makes the module fall back for good, with a warning
+    that `fallback` (what runs instead) runs."""
+    if state["worked"]:
+        return True
+    try:
+        probe()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        if recording_launches():
+            raise
+        state["failed"] = True
+        log.warning("%s: %s", fallback, e)
+        return False
+    if not recording_launches():
+        state["worked"] = True
+    return True
 
 
 def launch(kernel: Any, grid: tuple, *args: Any, **kwargs: Any) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import kernel_builds
-from .kernel_builds import launch, recording_launches
+from .kernel_builds import launch
 from .nhwc_norm import HALF, on_device, supports
 
 try:
@@ -232,24 +232,11 @@ def _probe(like: torch.Tensor) -> None:
 
 
 def _ready(x: torch.Tensor) -> bool:
-    """Whether the kernels run on this machine. The first call builds and runs them on a small tensor (a
-    dry run only notes that probe's launches); a machine without what Triton needs falls back for good."""
-    if _state["worked"]:
-        return True
-    if recording_launches():  # a dry run notes the first call's probe too, and leaves the state
+    """Whether the kernels run on this machine (`kernel_builds.ready`, probing on x's device and dtype)."""
+    def probe() -> None:
         with on_device(x):
             _probe(x)
-        return True
-    try:
-        _probe(x)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as e:
-        _state["failed"] = True
-        log.warning("the LayerNorm kernels do not run here, PyTorch's LayerNorm runs instead: %s", e)
-        return False
-    _state["worked"] = True
-    return True
+    return kernel_builds.ready(_state, probe, "the LayerNorm kernels do not run here, PyTorch's LayerNorm runs instead")
 
 
 def layer_norm(x: torch.Tensor, normalized_shape: tuple[int, ...], weight: torch.Tensor | None,

@@ -17,7 +17,8 @@ import logging
 
 import torch
 
-from .kernel_builds import launch, recording_launches
+from . import kernel_builds
+from .kernel_builds import launch
 from .nhwc_norm import HALF, on_device, supports
 
 try:
@@ -80,24 +81,11 @@ def _launch(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, bias: torch.Tenso
 
 
 def _ready(like: torch.Tensor) -> bool:
-    """Whether the kernel runs here: the first call builds and runs it on small tensors (a dry run only notes
-    that); a machine without what Triton needs falls back to addmm_ for good."""
-    if _state["worked"]:
-        return True
-    try:
+    """Whether the kernel runs on this machine (`kernel_builds.ready`, probing on `like`'s device and dtype)."""
+    def probe() -> None:
         y = torch.zeros(16, 16, device=like.device, dtype=like.dtype)
         _launch(y, y, y, y[0])
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as e:
-        if recording_launches():
-            raise
-        _state["failed"] = True
-        log.warning("the low-rank add kernel does not run here, cuBLAS's addmm_ runs instead: %s", e)
-        return False
-    if not recording_launches():
-        _state["worked"] = True
-    return True
+    return kernel_builds.ready(_state, probe, "the low-rank add kernel does not run here, cuBLAS's addmm_ runs instead")
 
 
 def add_(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

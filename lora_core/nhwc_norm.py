@@ -29,7 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import kernel_builds
-from .kernel_builds import launch, recording_launches
+from .kernel_builds import launch
 
 try:
     import triton
@@ -503,24 +503,12 @@ def keep_channels_last(unet: nn.Module) -> int:
 
 
 def _ready(x: torch.Tensor) -> bool:
-    """Whether the kernels run on this machine. The first call builds and runs them on a small tensor (a
-    dry run only notes that probe's launches); a machine without what Triton needs falls back for good."""
-    if _state["worked"]:
-        return True
-    try:
+    """Whether the kernels run on this machine (`kernel_builds.ready`, probing on x's device and dtype)."""
+    def probe() -> None:
         with on_device(x):
             _probe(x)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as e:
-        if recording_launches():
-            raise
-        _state["failed"] = True
-        log.warning("the channels-last GroupNorm kernels do not run here, PyTorch's GroupNorm runs instead: %s", e)
-        return False
-    if not recording_launches():  # a dry run notes the launches and leaves the state
-        _state["worked"] = True
-    return True
+    return kernel_builds.ready(_state, probe, "the channels-last GroupNorm kernels do not run here, PyTorch's "
+                               "GroupNorm runs instead")
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,

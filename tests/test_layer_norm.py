@@ -5,14 +5,12 @@ bf16, at the UNet's shapes; and the UNet's LayerNorms take them when the switch 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreted import cpu_only, worst_errors
 
 from lora_core import layer_norm
 from lora_core.half_norms import HalfLayerNorm, use_half_norms
@@ -62,16 +60,10 @@ CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead (older "
-                    "Triton interpreters fail on NumPy 2)")
+@cpu_only
 def test_kernels_match_layer_norm_in_the_interpreter():
-    pytest.importorskip("triton")
-    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    worst, worst_half = map(float, out.stdout.split("worst")[-1].split())
-    assert worst < 1e-5 and worst_half < 3e-2, out.stdout  # fp32 against float64; bf16 rounding
+    worst, worst_half = worst_errors(CHECK)
+    assert worst < 1e-5 and worst_half < 3e-2  # fp32 against float64; bf16 rounding
 
 
 def test_which_tensors_the_kernels_take():

@@ -7,14 +7,12 @@ the CPU)."""
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
+from interpreted import cpu_only, worst_errors
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -230,13 +228,7 @@ INTERPRETED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead (older "
-                    "Triton interpreters fail on NumPy 2)")
+@cpu_only
 def test_first_norm_sums_the_shortcut_gradient_in_the_interpreter():
-    pytest.importorskip("triton")
-    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    fp32, bf16, block = map(float, out.stdout.split("worst")[-1].split())
-    assert fp32 < 1e-5 and bf16 < 3e-2 and block < 1e-4, out.stdout  # against float64; bf16 rounding
+    fp32, bf16, block = worst_errors(INTERPRETED)
+    assert fp32 < 1e-5 and bf16 < 3e-2 and block < 1e-4  # against float64; bf16 rounding

@@ -5,14 +5,12 @@ separate add and LayerNorm, on the CPU (plain path, and the kernels in Triton's 
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock
+from interpreted import cpu_only, worst_errors
 
 from lora_core import layer_norm
 from lora_core.half_norms import HalfLayerNorm, use_half_norms
@@ -76,16 +74,10 @@ INTERPRETED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead (older "
-                    "Triton interpreters fail on NumPy 2)")
+@cpu_only
 def test_residual_kernels_match_add_and_layer_norm_in_the_interpreter():
-    pytest.importorskip("triton")
-    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    fp32, bf16, block = map(float, out.stdout.split("worst")[-1].split())
-    assert fp32 < 1e-5 and bf16 < 3e-2 and block < 1e-4, out.stdout  # against float64; bf16 rounding
+    fp32, bf16, block = worst_errors(INTERPRETED)
+    assert fp32 < 1e-5 and bf16 < 3e-2 and block < 1e-4  # against float64; bf16 rounding
 
 
 def _run(block: torch.nn.Module, x: torch.Tensor, ctx: torch.Tensor, g: torch.Tensor, **kwargs):

@@ -5,13 +5,11 @@ in Triton's interpreter (in a subprocess); on a GPU compiled, in bf16, at SD1.5'
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from interpreted import cpu_only, worst_errors
 
 from lora_core import low_rank
 from lora_core.lora_fused import _LoRALinearFn
@@ -66,16 +64,10 @@ INTERPRETED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernel is tested instead (older "
-                    "Triton interpreters fail on NumPy 2)")
+@cpu_only
 def test_kernel_matches_addmm_in_the_interpreter():
-    pytest.importorskip("triton")
-    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    fp32, bf16, functions = map(float, out.stdout.split("worst")[-1].split())
-    assert fp32 < 1e-5 and bf16 < 1e-2 and functions < 1e-5, out.stdout  # against float64; bf16 rounding
+    fp32, bf16, functions = worst_errors(INTERPRETED)
+    assert fp32 < 1e-5 and bf16 < 1e-2 and functions < 1e-5  # against float64; bf16 rounding
 
 
 def test_cpu_tensors_take_addmm_with_the_same_sum():

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreted import cpu_only, worst_errors
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_core import nhwc_norm
@@ -83,16 +81,10 @@ CHECK = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead (older "
-                    "Triton interpreters fail on NumPy 2)")
+@cpu_only
 def test_kernels_match_group_norm_in_the_interpreter():
-    pytest.importorskip("triton")
-    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    worst, worst_half = map(float, out.stdout.split("worst")[-1].split())
-    assert worst < 1e-5 and worst_half < 3e-2, out.stdout  # fp32 against float64; bf16 rounding
+    worst, worst_half = worst_errors(CHECK)
+    assert worst < 1e-5 and worst_half < 3e-2  # fp32 against float64; bf16 rounding
 
 
 def test_only_channels_last_half_cuda_tensors_apply():
