@@ -63,6 +63,12 @@ set -u
 which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
+need_prev() {  # the tree to compare against, unpacked in .prev
+  [ -d .prev/lora_core ] || { echo "unpack the tree to compare against: git archive REV lora_core bench | tar -x -C .prev" >&2; exit 2; }
+  [ -e .prev/assets ] || ln -s ../assets .prev/assets
+}
+old() { (cd .prev && PYTHONPATH=$(pwd):${PYTHONPATH} timeout 300 python3 bench/ours.py "$@" 2>>"${out%.jsonl}.log" \
+         | grep '^{' | sed 's/^{/{"tree": "previous", /' >>"$out"); }
 row() { timeout 300 python3 "$@" 2>>"${out%.jsonl}.log" | grep '^{' >>"$out" || echo "{\"failed\": \"$*\"}" >>"$out"; }
 case $which in
   kernel)
@@ -118,10 +124,7 @@ case $which in
     row bench/ours.py --batch 16
     row bench/ours.py --batch 16 --set performance.low_rank_kernel=true ;;
   residual)
-    [ -d .prev/lora_core ] || { echo "unpack the tree to compare against: git archive REV lora_core bench | tar -x -C .prev" >&2; exit 2; }
-    [ -e .prev/assets ] || ln -s ../assets .prev/assets
-    old() { (cd .prev && PYTHONPATH=$(pwd):${PYTHONPATH} timeout 300 python3 bench/ours.py "$@" 2>>"${out%.jsonl}.log" \
-             | grep '^{' | sed 's/^{/{"tree": "previous", /' >>"$out"); }
+    need_prev
     for _ in 1 2; do row bench/ours.py --batch 16; old --batch 16; done
     timeout 300 python3 -m pytest -q -m gpu tests/test_lean_resnet.py tests/test_lean_transformer.py \
       "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1
@@ -156,18 +159,12 @@ case $which in
     row bench/ours.py --batch 1 --warmup 10 --set performance.compile=on
     row bench/ours.py --batch 16 --set performance.compile=on ;;
   grouped)
-    [ -d .prev/lora_core ] || { echo "unpack the tree to compare against: git archive REV lora_core bench | tar -x -C .prev" >&2; exit 2; }
-    [ -e .prev/assets ] || ln -s ../assets .prev/assets
-    old() { (cd .prev && PYTHONPATH=$(pwd):${PYTHONPATH} timeout 300 python3 bench/ours.py "$@" 2>>"${out%.jsonl}.log" \
-             | grep '^{' | sed 's/^{/{"tree": "previous", /' >>"$out"); }
+    need_prev
     for _ in 1 2; do
       row bench/ours.py --batch 16; old --batch 16; row bench/ours.py --batch 1; old --batch 1
     done ;;
   norms)
-    [ -d .prev/lora_core ] || { echo "unpack the tree to compare against: git archive REV lora_core bench | tar -x -C .prev" >&2; exit 2; }
-    [ -e .prev/assets ] || ln -s ../assets .prev/assets
-    old() { (cd .prev && PYTHONPATH=$(pwd):${PYTHONPATH} timeout 300 python3 bench/ours.py "$@" 2>>"${out%.jsonl}.log" \
-             | grep '^{' | sed 's/^{/{"tree": "previous", /' >>"$out"); }
+    need_prev
     row bench/ours.py --batch 16; old --batch 16; row bench/ours.py --batch 1; old --batch 1
     row bench/ours.py --batch 16; old --batch 16
     for args in "--batch 16" "--batch 1" "--model full:sdxl --batch 4"; do

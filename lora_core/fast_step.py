@@ -234,8 +234,8 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
                  use_lean_resnets(model.unet))
     low_rank.enable(perf.low_rank_kernel)
     if perf.lean_transformers:
-        log.info("transformer blocks sum their residuals inside the LayerNorms' kernels: %d blocks",
-                 use_lean_transformers(model.unet))
+        log.info("transformer blocks join their residual sums to the LayerNorms after them (one kernel each way "
+                 "where the LayerNorm kernels run): %d blocks", use_lean_transformers(model.unet))
     # kept off for an fp16 base (no loss scaling here): under torch.compile the grouped adapters run as plain
     # autograd, whose weight gradients come out in the compute dtype, where fp32 ones matter
     if perf.fused_projections and model.unet.dtype != torch.float16:

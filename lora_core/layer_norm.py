@@ -199,7 +199,6 @@ class _AddLayerNorm(torch.autograd.Function):
         y, mean, rstd, s = _launch_forward(h.view(-1, c), weight, bias, eps, None if a is None else a.view(-1, c))
         s = h if a is None else s.view(h.shape)
         ctx.save_for_backward(s, weight, mean, rstd)
-        ctx.has_add = a is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.records = kernel_builds.current()
         return s, y.view(h.shape)
@@ -216,7 +215,7 @@ class _AddLayerNorm(torch.autograd.Function):
         dx = dx.view(s.shape)
         dweight = sums[0].to(weight.dtype) if need_w else None
         dbias = sums[1].to(ctx.bias_dtype) if need_b else None
-        return dx if need_h else None, dx if need_a and ctx.has_add else None, dweight, dbias, None
+        return dx if need_h else None, dx if need_a else None, dweight, dbias, None
 
 
 def _probe(like: torch.Tensor) -> None:

@@ -21,7 +21,9 @@ from torch import nn
 from .half_norms import HalfLayerNorm
 
 
-def _add_norm(norm: nn.Module, x: torch.Tensor, add: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _add_norm(
+    norm: nn.Module, x: torch.Tensor, add: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, norm(s)) for s = add + x (x where `add` is None)."""
     if isinstance(norm, HalfLayerNorm):
         return norm.add_norm(x, add)
@@ -30,24 +32,44 @@ def _add_norm(norm: nn.Module, x: torch.Tensor, add: torch.Tensor | None) -> tup
 
 
 class LeanBasicTransformerBlock(BasicTransformerBlock):
-    """BasicTransformerBlock for the blocks `fits` accepts; the state dict and everything else are the parent's."""
+    """BasicTransformerBlock for the blocks `fits` accepts; the state dict and everything else are the
+    parent's."""
 
     @staticmethod
     def fits(block: BasicTransformerBlock) -> bool:
         """The SD UNets' blocks: plain LayerNorms, self- then cross-attention, no positional embedding,
         no feed-forward chunking."""
-        return (block.norm_type == "layer_norm" and block.pos_embed is None and not block.only_cross_attention
-                and block.attn2 is not None and block._chunk_size is None)
+        return (
+            block.norm_type == "layer_norm"
+            and block.pos_embed is None
+            and not block.only_cross_attention
+            and block.attn2 is not None
+            and block._chunk_size is None
+        )
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None,
-                encoder_attention_mask: torch.Tensor | None = None, timestep: torch.Tensor | None = None,
-                cross_attention_kwargs: dict[str, Any] | None = None, class_labels: torch.Tensor | None = None,
-                added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        class_labels: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         # the time step, class labels and added conditions are unused by a block of plain LayerNorms
         if cross_attention_kwargs or hidden_states.ndim != 3:  # GLIGEN, the deprecated scale, 4-D states
-            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+            return super().forward(
+                hidden_states,
+                attention_mask,
+                encoder_hidden_states,
+                encoder_attention_mask,
+                timestep,
+                cross_attention_kwargs,
+                class_labels,
+                added_cond_kwargs,
+            )
         h, n = _add_norm(self.norm1, hidden_states, None)
         a = self.attn1(n, encoder_hidden_states=None, attention_mask=attention_mask)
         h, n = _add_norm(self.norm2, h, a)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import low_rank
+from . import kernel_builds, low_rank
 from .half_norms import HALF
 
 # cuBLAS can write a half-precision product straight into an fp32 output (torch.mm's out_dtype, CUDA, torch
@@ -42,12 +42,13 @@ class _LoRALinearFn(torch.autograd.Function):
             # as an extra output, and the alias of `y` made by addmm_ took the gradient meant for `y`; the
             # backward got zeros and no adapter trained (pytorch issue 180642, fixed in 2.12)
             y = torch.addmm(F.linear(x, weight, bias), zs, u.t())
-        elif low_rank.applies(x, zs, u):  # the bias rides on the adapter's pass (lora_core/low_rank.py)
+        elif low_rank.wanted(x):  # the bias rides on the adapter's pass (lora_core/low_rank.py)
             y = low_rank.add_(torch.mm(x, weight.t()), zs, u, bias)
         else:
             y = F.linear(x, weight, bias).addmm_(zs, u.t())
         ctx.save_for_backward(x, weight, d, u, zs)
         ctx.scale, ctx.param_dtypes = scale, (down.dtype, up.dtype)
+        ctx.records = kernel_builds.current()  # a dry run's: the backward's kernel launches are noted there too
         return y  # not a view: callers may change it in place
 
     @staticmethod
@@ -59,7 +60,8 @@ class _LoRALinearFn(torch.autograd.Function):
         need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
         grad_down = _mm_as(gz.t(), x, ctx.param_dtypes[0]) if need_down else None
         grad_up = _mm_as(g.t(), zs, ctx.param_dtypes[1]) if need_up else None
-        grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t()) if need_x else None
+        with kernel_builds.noting(ctx.records):
+            grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t()) if need_x else None
         return grad_x, None, None, grad_down, grad_up, None, None, None
 
 

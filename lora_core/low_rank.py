@@ -40,26 +40,65 @@ def enable(on: bool) -> None:
     _state["enabled"] = on
 
 
+def wanted(t: torch.Tensor) -> bool:
+    """Whether the kernel is to run for tensors like `t`: switched on, Triton working, a half-precision CUDA
+    tensor on a GPU Triton supports, outside torch.compile."""
+    return (
+        _state["enabled"]
+        and triton is not None
+        and not _state["failed"]
+        and t.is_cuda
+        and t.dtype in HALF
+        and not torch.compiler.is_compiling()
+        and supports(t.device.index or 0)
+    )
+
+
 def applies(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> bool:
-    """Whether `add_` takes this call: switched on, Triton working, half-precision CUDA tensors of one dtype,
-    y [m, n] and z [m, r] with unit column steps, u [n, r] in any layout, outside torch.compile."""
-    return (_state["enabled"] and triton is not None and not _state["failed"] and y.is_cuda and y.dim() == 2
-            and y.dtype in HALF and z.dtype == u.dtype == y.dtype and y.stride(1) == 1 and z.stride(1) == 1
-            and z.shape[1] <= MAX_RANK and not torch.compiler.is_compiling() and supports(y.device.index or 0))
+    """Whether `add_` takes this call (`wanted`): tensors of one dtype, y [m, n] and z [m, r] with unit
+    column steps, u [n, r] in any layout, r at most MAX_RANK."""
+    return (
+        wanted(y)
+        and y.dim() == z.dim() == u.dim() == 2
+        and z.dtype == u.dtype == y.dtype
+        and z.shape[0] == y.shape[0]
+        and tuple(u.shape) == (y.shape[1], z.shape[1])
+        and y.stride(1) == 1
+        and z.stride(1) == 1
+        and z.shape[1] <= MAX_RANK
+    )
 
 
 if triton is not None:
 
     @triton.jit
-    def _add(Y, Z, U, B, m, n, r, y_m, z_m, u_n, u_r, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    def _add(
+        Y,
+        Z,
+        U,
+        B,
+        m,
+        n,
+        r,
+        y_m,
+        z_m,
+        u_n,
+        u_r,
+        HAS_B: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_R)
         rmask, cmask, kmask = rows < m, cols < n, k < r
-        z = tl.load(Z + rows.to(tl.int64)[:, None] * z_m + k[None, :], mask=rmask[:, None] & kmask[None, :],
-                    other=0.0)
-        ut = tl.load(U + cols[None, :] * u_n + k[:, None] * u_r, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        z = tl.load(
+            Z + rows.to(tl.int64)[:, None] * z_m + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
+        )
+        ut = tl.load(
+            U + cols[None, :] * u_n + k[:, None] * u_r, mask=kmask[:, None] & cmask[None, :], other=0.0
+        )
         # [BLOCK_M, BLOCK_N] in fp32, from fp32 operands: on a GPU TF32 products, exact for half-precision
         # values (Triton's interpreter mishandles half-precision operands of tl.dot)
         acc = tl.dot(z.to(tl.float32), ut.to(tl.float32))
@@ -75,17 +114,39 @@ def _launch(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, bias: torch.Tenso
     m, n = y.shape
     r = z.shape[1]
     with on_device(y):
-        launch(_add, (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N)), y, z, u, bias if bias is not None else y,
-               m, n, r, y.stride(0), z.stride(0), u.stride(0), u.stride(1), HAS_B=bias is not None,
-               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=max(16, triton.next_power_of_2(r)), num_warps=WARPS)
+        launch(
+            _add,
+            (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N)),
+            y,
+            z,
+            u,
+            bias if bias is not None else y,
+            m,
+            n,
+            r,
+            y.stride(0),
+            z.stride(0),
+            u.stride(0),
+            u.stride(1),
+            HAS_B=bias is not None,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            BLOCK_R=max(16, triton.next_power_of_2(r)),
+            num_warps=WARPS,
+        )
 
 
 def _ready(like: torch.Tensor) -> bool:
-    """Whether the kernel runs on this machine (`kernel_builds.ready`, probing on `like`'s device and dtype)."""
+    """Whether the kernel runs on this machine (`kernel_builds.ready`, probing on `like`'s device and
+    dtype)."""
+
     def probe() -> None:
         y = torch.zeros(16, 16, device=like.device, dtype=like.dtype)
         _launch(y, y, y, y[0])
-    return kernel_builds.ready(_state, probe, "the low-rank add kernel does not run here, cuBLAS's addmm_ runs instead")
+
+    return kernel_builds.ready(
+        _state, probe, "the low-rank add kernel does not run here, cuBLAS's addmm_ runs instead"
+    )
 
 
 def add_(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -431,7 +431,8 @@ def _probe(like: torch.Tensor) -> None:
     x = torch.zeros(1, 4, 4, 64, device=like.device, dtype=like.dtype).permute(0, 3, 1, 2)  # channels-last
     ones = torch.ones(64, device=like.device, dtype=like.dtype)
     _, stats = _launch_forward(x, 32, ones, ones, 1e-5, True)
-    _launch_backward(x, x, ones, ones, stats, 32, True, True, ds=x)  # with a residual's gradient summed
+    for ds in (None, x):  # without and with a residual's gradient summed
+        _launch_backward(x, x, ones, ones, stats, 32, True, True, ds=ds)
 
 
 class NHWCGroupNorm(nn.GroupNorm):

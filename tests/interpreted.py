@@ -11,7 +11,9 @@ import pytest
 import torch
 
 # on a GPU the compiled kernels are tested instead (older Triton interpreters fail on NumPy 2)
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead")
+cpu_only = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="on a GPU the compiled kernels are tested instead"
+)
 
 
 def worst_errors(script: str) -> list[float]:

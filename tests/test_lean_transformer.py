@@ -18,6 +18,7 @@ from lora_core.lean_transformer import LeanBasicTransformerBlock, use_lean_trans
 
 INTERPRETED = textwrap.dedent("""
     import copy, torch, torch.nn.functional as F
+    import torch.utils.checkpoint
     from diffusers.models.attention import BasicTransformerBlock
     from lora_core import layer_norm
     from lora_core.half_norms import use_half_norms
@@ -68,8 +69,12 @@ INTERPRETED = textwrap.dedent("""
         grads = torch.autograd.grad(out, [xi, *block.parameters()], g)
         outs.append([out, *grads])
     assert calls == [True, False, False], calls  # norm1 alone, norm2 and norm3 with the attention's output
-    for t, r in zip(outs[1], outs[0], strict=True):
-        err("block", t, r)
+    xi = x.clone().requires_grad_()  # and inside a gradient checkpoint, as a checkpointed UNet runs it
+    out = torch.utils.checkpoint.checkpoint(lambda t: lean(t, encoder_hidden_states=ctx), xi, use_reentrant=False)
+    outs.append([out, *torch.autograd.grad(out, [xi, *lean.parameters()], g)])
+    for got in outs[1:]:
+        for t, r in zip(got, outs[0], strict=True):
+            err("block", t, r)
     print("worst", worst["torch.float32"], worst["torch.bfloat16"], worst["block"])
 """)
 
@@ -141,18 +146,19 @@ def test_residual_kernels_match_add_and_layer_norm_on_the_gpu(shape, with_add):
     c = shape[-1]
     h = (torch.randn(shape, device="cuda") * 2 + 1).to(torch.bfloat16).requires_grad_()
     a = torch.randn(shape, device="cuda").to(torch.bfloat16).requires_grad_() if with_add else None
-    w = (torch.randn(c, device="cuda") + 1).to(torch.bfloat16)
-    b = torch.randn(c, device="cuda").to(torch.bfloat16)
-    ins = [t for t in (h, a) if t is not None]
+    w = (torch.randn(c, device="cuda") + 1).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(c, device="cuda").to(torch.bfloat16).requires_grad_()
+    ins = [t for t in (h, a, w, b) if t is not None]
     assert layer_norm.applies(h, (c,), w) and layer_norm.add_applies(h, a)
     s, y = layer_norm.add_layer_norm(h, a, (c,), w, b, 1e-5)
     gs, gy = (torch.randn(shape, device="cuda").to(torch.bfloat16) for _ in range(2))
     got = [s, y, *torch.autograd.grad([s, y], ins, [gs, gy])]
     ref_in = [t.detach().float().requires_grad_() for t in ins]
     rs = ref_in[0] if a is None else ref_in[1] + ref_in[0]
-    ry = torch.nn.functional.layer_norm(rs, (c,), w.float(), b.float(), eps=1e-5)
+    ry = torch.nn.functional.layer_norm(rs, (c,), ref_in[-2], ref_in[-1], eps=1e-5)
     want = [rs, ry, *torch.autograd.grad([rs, ry], ref_in, [gs.float(), gy.float()])]
-    for name, t, r in zip(["s", "y", "dh", "da"], got, want, strict=False):
+    names = ["s", "y", "dh", *(["da"] if with_add else []), "dw", "db"]
+    for name, t, r in zip(names, got, want, strict=True):
         e = ((t.float() - r).abs().max() / r.abs().max()).item()
         assert e < 2e-2, f"{name}: relative error {e:.3g}"  # bf16 rounding, fp32 reference
 
