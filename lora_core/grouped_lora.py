@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernel_builds, low_rank
+from . import low_rank
 from .lora_fused import _mm_as, compute_dtype
 
 
@@ -54,7 +54,7 @@ class _GroupedLoRAFn(torch.autograd.Function):
             low_rank.add_(y_i, z_i, u)  # into the member's columns, in place
         ctx.save_for_backward(x, weight, down, zs, *ups)
         ctx.scale, ctx.dtypes = scale, [p.dtype for p in params]
-        ctx.records = kernel_builds.current()  # a dry run's: the backward's kernel launches are noted there too
+        ctx.records = low_rank.records()  # a dry run's: the backward's kernel launches are noted there too
         return y
 
     @staticmethod
@@ -73,8 +73,8 @@ class _GroupedLoRAFn(torch.autograd.Function):
             rows = _mm_as(gz.t(), x, ctx.dtypes[0]).split(_ranks(ups))
             grad_downs = [r.to(dt) if need else None for r, dt, need in zip(rows, ctx.dtypes[:g], needs[:g],
                                                                          strict=True)]
-        with kernel_builds.noting(ctx.records):
-            grad_x = low_rank.add_(torch.mm(gy, weight), gz, down.t()) if ctx.needs_input_grad[0] else None
+        grad_x = (low_rank.add_(torch.mm(gy, weight), gz, down.t(), records=ctx.records)
+                  if ctx.needs_input_grad[0] else None)
         return grad_x, None, None, None, *grad_downs, *grad_ups
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import kernel_builds, low_rank
+from . import low_rank
 from .half_norms import HALF
 
 # cuBLAS can write a half-precision product straight into an fp32 output (torch.mm's out_dtype, CUDA, torch
@@ -48,7 +48,7 @@ class _LoRALinearFn(torch.autograd.Function):
             y = F.linear(x, weight, bias).addmm_(zs, u.t())
         ctx.save_for_backward(x, weight, d, u, zs)
         ctx.scale, ctx.param_dtypes = scale, (down.dtype, up.dtype)
-        ctx.records = kernel_builds.current()  # a dry run's: the backward's kernel launches are noted there too
+        ctx.records = low_rank.records()  # a dry run's: the backward's kernel launches are noted there too
         return y  # not a view: callers may change it in place
 
     @staticmethod
@@ -60,8 +60,7 @@ class _LoRALinearFn(torch.autograd.Function):
         need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
         grad_down = _mm_as(gz.t(), x, ctx.param_dtypes[0]) if need_down else None
         grad_up = _mm_as(g.t(), zs, ctx.param_dtypes[1]) if need_up else None
-        with kernel_builds.noting(ctx.records):
-            grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t()) if need_x else None
+        grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t(), records=ctx.records) if need_x else None
         return grad_x, None, None, grad_down, grad_up, None, None, None
 
 

@@ -149,12 +149,23 @@ def _ready(like: torch.Tensor) -> bool:
     )
 
 
-def add_(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def add_(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None = None,
+         records: list | None = None) -> torch.Tensor:
     """y += z @ u^T (+ bias), in place, and y: y [m, n], z [m, r], u [n, r], bias [n]. The kernel where
-    `applies` takes the call, else the same sum through PyTorch (no grad: used inside autograd functions)."""
-    if applies(y, z, u) and (bias is None or (bias.dtype == y.dtype and bias.is_contiguous())) and _ready(y):
-        _launch(y, z, u, bias)
-        return y
+    `applies` takes the call, else the same sum through PyTorch (no grad: used inside autograd functions).
+    `records`: a dry run's list (`kernel_builds.current()` where the forward ran), for a backward pass, which
+    autograd runs on a thread of its own."""
+    if applies(y, z, u) and (bias is None or (bias.dtype == y.dtype and bias.is_contiguous())):
+        with kernel_builds.noting(records):
+            if _ready(y):
+                _launch(y, z, u, bias)
+                return y
     if bias is not None:
         y.add_(bias)
     return y.addmm_(z, u.t())
+
+
+def records() -> list | None:
+    """A dry run's list of launches, for an autograd function to keep for its backward pass (None under
+    torch.compile, which cannot trace the lookup and never takes the kernel)."""
+    return None if torch.compiler.is_compiling() else kernel_builds.current()

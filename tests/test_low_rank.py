@@ -130,3 +130,28 @@ def test_lora_functions_agree_with_and_without_the_kernel_on_the_gpu():
     low_rank.enable(False)
     for a, r in zip(*results, strict=True):
         assert ((a.float() - r.float()).abs().max() / r.float().abs().max()).item() < 2e-2
+
+
+@pytest.mark.skipif(low_rank.triton is None, reason="needs Triton for the kernel's definition")
+def test_a_dry_run_notes_the_kernels_launches_backward_too(monkeypatch):
+    """Under a dry run (kernel_builds.recording) the launches are noted, not made: the forward's, and the
+    backward's, which autograd runs on a thread of its own on a GPU."""
+    import threading
+
+    from lora_core import kernel_builds
+
+    monkeypatch.setitem(low_rank._state, "worked", False)
+    monkeypatch.setattr(low_rank, "wanted", lambda t: True)  # CPU tensors: nothing is launched anyway
+    monkeypatch.setattr(low_rank, "applies", lambda y, z, u: True)
+    x = torch.randn(32, 24, dtype=torch.bfloat16, requires_grad=True)
+    w, b = torch.randn(20, 24, dtype=torch.bfloat16), torch.randn(20, dtype=torch.bfloat16)
+    d, u = torch.randn(4, 24, requires_grad=True), torch.randn(20, 4, requires_grad=True)
+    with kernel_builds.recording() as records:
+        y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
+    t = threading.Thread(target=lambda: torch.autograd.grad(y, [x, d, u], torch.ones_like(y)))
+    t.start()
+    t.join()
+    launches = [(kernel.__name__, kwargs["HAS_B"]) for kernel, _, _, kwargs in records]
+    # each pass: the first call's probe (with a bias), then its own launch (the forward's with the bias)
+    assert launches == [("_add", True), ("_add", True), ("_add", True), ("_add", False)], launches
+    assert not low_rank._state["worked"]
