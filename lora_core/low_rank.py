@@ -4,8 +4,8 @@
 The hand-written LoRA functions (lora_core/lora_fused.py, grouped_lora.py) add the adapter's product into
 the base layer's output, y += (x D^T) U^T, and in the backward pass its share into the input's gradient,
 dx += gz D. cuBLAS runs these as rank-16 products onto the output (addmm_), and in an SD1.5 batch-16 step
-on an H100 the largest of them moved their bytes at about 1.9 TB/s, a third of their time above what the
-memory allows (`bench/profile_step.py --shapes`, bench/RESULTS.md). Here each program reads a tile of y and
+on an H100 the largest of them took about three times what their bytes need at 3 TB/s
+(`bench/profile_step.py --shapes`, bench/RESULTS.md). Here each program reads a tile of y and
 the few rows of the two thin factors it needs, and writes the tile back: the same sum in the same fp32
 accumulator, one rounding, with the base layer's bias added in the same pass (the base product then runs
 without it). Off by default until its effect on the step is measured; elsewhere cuBLAS's addmm_ runs.
