@@ -56,7 +56,8 @@ class HalfGroupNorm(nn.GroupNorm):
         path is summed inside the norm's backward kernel."""
         if self.nhwc and nhwc_norm.applies(x, self.weight):
             with torch.autocast(x.device.type, enabled=False):
-                return nhwc_norm.residual_group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
+                return nhwc_norm.residual_group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                                                     silu=silu)
         return x, self.with_silu(x) if silu else self(x)
 
 
@@ -75,9 +76,11 @@ class HalfLayerNorm(nn.LayerNorm):
     def add_norm(self, x: torch.Tensor, add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, self(s)) for the residual sum s = add + x (x itself where `add` is None): one kernel each way
         where the row kernels apply, whose backward also sums the gradient s gets along the residual path."""
-        if self.rows and layer_norm.applies(x, self.normalized_shape, self.weight) and layer_norm.add_applies(x, add):
+        kernels = self.rows and layer_norm.applies(x, self.normalized_shape, self.weight)
+        if kernels and layer_norm.add_applies(x, add):
             with torch.autocast(x.device.type, enabled=False):
-                return layer_norm.add_layer_norm(x, add, self.normalized_shape, self.weight, self.bias, self.eps)
+                return layer_norm.add_layer_norm(x, add, self.normalized_shape, self.weight, self.bias,
+                                                 self.eps)
         s = x if add is None else add + x
         return s, self(s)
 

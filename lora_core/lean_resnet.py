@@ -15,8 +15,9 @@ Here the first convolution's bias joins the time embedding (a [batch, channels] 
 the block does anyway, and the second's joins the shortcut convolution's bias where the block has one.
 Where the GroupNorm runs lora_core/nhwc_norm.py's kernels, they apply the SiLU too (and recompute the norm's
 output in the backward pass rather than keep it), and the first norm's backward kernel also sums the
-gradient the block's input gets through the shortcut, which autograd would add in a pass of its own. The results differ from diffusers' only by rounding: the
-order of those additions, and the SiLU taking the norm's fp32 output where diffusers' takes it rounded.
+gradient the block's input gets through the shortcut, which autograd would add in a pass of its own. The
+results differ from diffusers' only by rounding: the order of those additions, and the SiLU taking the
+norm's fp32 output where diffusers' takes it rounded.
 
 The plain convolutions run through `_conv_forward` (and SD1's projections, lora_core/nhwc_norm.py, through
 F.linear), so hooks registered on those Conv2d modules do not fire; adapters replace the module and are
