@@ -13,6 +13,11 @@ from .errors import ConfigError, LoraStudioError
 log = logging.getLogger("lora_studio")
 
 
+def report(*lines: str) -> None:
+    """A command's result on stdout, a line each (what a script that runs the command reads)."""
+    print("\n".join(lines))
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .export import inspect_file
 

@@ -4,7 +4,8 @@
     lora-studio resize FILE --rank N --out FILE
     lora-studio merge-loras FILE[:W] ... --out FILE [--mode concat|svd] [--rank N]
 
-cli.py calls `register(subparsers)`; handlers print plain results and raise LoraStudioError subclasses.
+cli.py calls `register(subparsers)`; handlers give their results to cli.py's `report` and raise
+LoraStudioError subclasses.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import report
 from .errors import AdapterError, ConfigError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -54,9 +56,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     count = merge_into_checkpoint(model, adapters)
     sources = ", ".join(f"{Path(a.path).name}:{w:g}" for a, w in adapters)
     save_single_file(model, out, dtype=DTYPES[args.dtype], metadata={"modelspec.merged_from": sources})
-    print(f"merged {len(adapters)} adapter(s) into {count} layers of {args.base} ({model.family}, "
-          f"{model.prediction_type})")
-    print(f"wrote {out}")
+    report(f"merged {len(adapters)} adapter(s) into {count} layers of {args.base} ({model.family}, "
+           f"{model.prediction_type})", f"wrote {out}")
     return 0
 
 
@@ -66,12 +67,11 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
     out = _out_path(args.out)
     adapter = load_adapter(args.file)
-    resized, report = resize_adapter(adapter, args.rank)
+    resized, energy = resize_adapter(adapter, args.rank)
     save_adapter(out, resized.layers, resized.metadata, dtype=DTYPES[args.dtype])
-    print(f"resized {Path(args.file).name}: rank {report.old_rank} -> {report.new_rank}, "
-          f"alpha {adapter.alpha:g} -> {resized.alpha:g}, {len(resized.layers)} layers")
-    print(f"kept energy: min {report.min:.4f}, mean {report.mean:.4f}")
-    print(f"wrote {out}")
+    report(f"resized {Path(args.file).name}: rank {energy.old_rank} -> {energy.new_rank}, "
+           f"alpha {adapter.alpha:g} -> {resized.alpha:g}, {len(resized.layers)} layers",
+           f"kept energy: min {energy.min:.4f}, mean {energy.mean:.4f}", f"wrote {out}")
     return 0
 
 
@@ -84,9 +84,9 @@ def cmd_merge_loras(args: argparse.Namespace) -> int:
         raise AdapterError("--mode svd needs --rank N (the rank of the merged adapter).")
     merged = merge_adapters(_load_adapters(args.files), mode=args.mode, rank=args.rank)
     save_adapter(out, merged.layers, merged.metadata, dtype=DTYPES[args.dtype])
-    print(f"merged {len(args.files)} adapters ({args.mode}): {len(merged.layers)} layers, "
-          f"rank {merged.metadata['ss_network_dim']}, alpha {merged.metadata['ss_network_alpha']}")
-    print(f"wrote {out}")
+    report(f"merged {len(args.files)} adapters ({args.mode}): {len(merged.layers)} layers, "
+           f"rank {merged.metadata['ss_network_dim']}, alpha {merged.metadata['ss_network_alpha']}",
+           f"wrote {out}")
     return 0
 
 
