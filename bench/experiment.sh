@@ -53,7 +53,7 @@
 #                                          interleaved, twice; the lean blocks' GPU tests and the 50-step fast = eager check;
 #                                          (beside OUT) the eager batch-16 profile with the matrix products by shape
 #   bench/experiment.sh lowrank OUT.jsonl  the low-rank add kernel (performance.low_rank_kernel) against cuBLAS's addmm_:
-#                                          its GPU tests, then SD1.5 batch 16 with and without it
+#                                          its GPU tests, then SD1.5 batch 16 with and without it, and its profile
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
@@ -122,7 +122,10 @@ case $which in
     timeout 100 python3 -m pytest -q -m gpu tests/test_low_rank.py >"${out%.jsonl}-tests.txt" 2>&1
     row bench/ours.py --batch 16 --set performance.low_rank_kernel=true
     row bench/ours.py --batch 16
-    row bench/ours.py --batch 16 --set performance.low_rank_kernel=true ;;
+    row bench/ours.py --batch 16 --set performance.low_rank_kernel=true
+    timeout 200 python3 bench/profile_step.py --batch 16 --ops --shapes --set performance.cuda_graphs=off \
+      --set performance.channels_last=on --set performance.low_rank_kernel=true \
+      --out "${out%.jsonl}-profile-b16.txt" >>"${out%.jsonl}.log" 2>&1 ;;
   residual)
     need_prev
     for _ in 1 2; do row bench/ours.py --batch 16; old --batch 16; done
