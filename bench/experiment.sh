@@ -52,15 +52,16 @@
 #                                          kernel against the previous commit's tree (unpacked in .prev), SD1.5 batch 16,
 #                                          interleaved, twice; the lean blocks' GPU tests and the 50-step fast = eager check;
 #                                          (beside OUT) the eager batch-16 profile with the matrix products by shape
-#   bench/experiment.sh lowrank OUT.jsonl  the low-rank add kernel (performance.low_rank_kernel) against cuBLAS's addmm_:
-#                                          its GPU tests, then SD1.5 batch 16 with and without it, and its profile
+#   bench/experiment.sh lowrank OUT.jsonl  performance.low_rank_kernel (the add kernel, the LoRA product kernel)
+#                                          against cuBLAS: their GPU tests, the products alone (bench/lora_gemm.py),
+#                                          SD1.5 batch 16 with each mode; lowrank2: more rows, and the profile
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2 or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 need_prev() {  # the tree to compare against, unpacked in .prev
@@ -119,12 +120,13 @@ case $which in
     timeout 400 python3 -m pytest -q -m gpu tests/test_lean_transformer.py tests/test_layer_norm.py \
       "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1 ;;
   lowrank)
-    timeout 100 python3 -m pytest -q -m gpu tests/test_low_rank.py >"${out%.jsonl}-tests.txt" 2>&1
-    row bench/ours.py --batch 16 --set performance.low_rank_kernel=true
-    row bench/ours.py --batch 16
-    row bench/ours.py --batch 16 --set performance.low_rank_kernel=true
+    timeout 200 python3 -m pytest -q -m gpu tests/test_low_rank.py tests/test_lora_gemm.py >"${out%.jsonl}-tests.txt" 2>&1
+    timeout 200 python3 bench/lora_gemm.py --configs >"${out%.jsonl}-products.jsonl" 2>>"${out%.jsonl}.log"
+    for mode in gemm off add; do row bench/ours.py --batch 16 --set performance.low_rank_kernel=$mode; done ;;
+  lowrank2)
+    for mode in off gemm add off gemm; do row bench/ours.py --batch 16 --set performance.low_rank_kernel=$mode; done
     timeout 200 python3 bench/profile_step.py --batch 16 --ops --shapes --set performance.cuda_graphs=off \
-      --set performance.channels_last=on --set performance.low_rank_kernel=true \
+      --set performance.channels_last=on --set performance.low_rank_kernel=gemm \
       --out "${out%.jsonl}-profile-b16.txt" >>"${out%.jsonl}.log" 2>&1 ;;
   residual)
     need_prev

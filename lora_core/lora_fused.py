@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import low_rank
+from . import lora_gemm, low_rank
 from .half_norms import HALF
 
 # cuBLAS can write a half-precision product straight into an fp32 output (torch.mm's out_dtype, CUDA, torch
@@ -42,8 +42,10 @@ class _LoRALinearFn(torch.autograd.Function):
             # as an extra output, and the alias of `y` made by addmm_ took the gradient meant for `y`; the
             # backward got zeros and no adapter trained (pytorch issue 180642, fixed in 2.12)
             y = torch.addmm(F.linear(x, weight, bias), zs, u.t())
-        elif low_rank.wanted(x):  # the bias rides on the adapter's pass (lora_core/low_rank.py)
-            y = low_rank.add_(torch.mm(x, weight.t()), zs, u, bias)
+        elif low_rank.wanted(x):  # the bias rides on the adapter's pass (lora_core/low_rank.py, lora_gemm.py)
+            y = _gemm(x, weight.t(), zs, u.t(), bias)
+            if y is None:
+                y = low_rank.add_(torch.mm(x, weight.t()), zs, u, bias)
         else:
             y = F.linear(x, weight, bias).addmm_(zs, u.t())
         ctx.save_for_backward(x, weight, d, u, zs)
@@ -60,8 +62,20 @@ class _LoRALinearFn(torch.autograd.Function):
         need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
         grad_down = _mm_as(gz.t(), x, ctx.param_dtypes[0]) if need_down else None
         grad_up = _mm_as(g.t(), zs, ctx.param_dtypes[1]) if need_up else None
-        grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t(), records=ctx.records) if need_x else None
+        grad_x = None
+        if need_x:
+            grad_x = _gemm(g, weight, gz, d, records=ctx.records)
+            if grad_x is None:
+                grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t(), records=ctx.records)
         return grad_x, None, None, grad_down, grad_up, None, None, None
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
+          member_n: int | None = None, records: list | None = None) -> torch.Tensor | None:
+    """a b + z c (+ bias) in one kernel (lora_core/lora_gemm.py) where it applies and runs, else None."""
+    if not lora_gemm.applies(a, b, z, c, member_n):
+        return None
+    return lora_gemm.linear(a, b, z, c, bias, member_n, records)
 
 
 def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

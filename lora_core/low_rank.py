@@ -32,12 +32,21 @@ log = logging.getLogger(__name__)
 BLOCK_M, BLOCK_N, WARPS = 128, 64, 4
 MAX_RANK = 128  # the thin factors' width at most (a grouped layer's ranks together)
 
-_state = {"enabled": False, "failed": False, "worked": False}  # the switch; the kernel failed here / ran
+# the switch, and whether it asks for lora_core/lora_gemm.py's product; the kernel failed here / ran
+_state = {"enabled": False, "gemm": False, "failed": False, "worked": False}
 
 
-def enable(on: bool) -> None:
-    """Turn the kernel on or off for the hand-written LoRA functions (`performance.low_rank_kernel`)."""
-    _state["enabled"] = on
+def enable(mode: bool | str) -> None:
+    """Set `performance.low_rank_kernel` for the hand-written LoRA functions: "off" (or False), "add" (or
+    True: this module's kernel adds the adapter's product onto cuBLAS's base product) or "gemm" (the base
+    and adapter products in one kernel, lora_core/lora_gemm.py, where it applies; this one elsewhere)."""
+    mode = {True: "add", False: "off"}.get(mode, mode)
+    _state["enabled"], _state["gemm"] = mode != "off", mode == "gemm"
+
+
+def wanted_gemm(t: torch.Tensor) -> bool:
+    """Whether lora_core/lora_gemm.py's product is to run for tensors like `t` (`wanted`, mode gemm)."""
+    return _state["gemm"] and wanted(t)
 
 
 def wanted(t: torch.Tensor) -> bool:

@@ -81,11 +81,11 @@ def test_cpu_tensors_take_addmm_with_the_same_sum():
         low_rank.enable(False)
 
 
-@pytest.mark.parametrize("on", [True, False])
+@pytest.mark.parametrize("on", ["add", "gemm", "off"])
 def test_the_switch_turns_the_kernel_on(on, fast_tiny_unet):
     try:
-        fast_tiny_unet(f"performance.low_rank_kernel={str(on).lower()}")
-        assert low_rank._state["enabled"] == on
+        fast_tiny_unet(f"performance.low_rank_kernel={on}")
+        assert low_rank._state["enabled"] == (on != "off") and low_rank._state["gemm"] == (on == "gemm")
     finally:
         low_rank.enable(False)
 

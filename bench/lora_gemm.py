@@ -1,0 +1,97 @@
+"""The adapted layers' products at SD1.5 batch-16 shapes, three ways: cuBLAS's base product then its rank-16
+product onto the output (addmm_, `performance.low_rank_kernel=off`), cuBLAS's base product then
+lora_core/low_rank.py's add kernel (`add`), and lora_core/lora_gemm.py's single product (`gemm`) with a few
+tile configurations. Prints one JSON line per shape and way: microseconds per call (CUDA events, median of
+20 timings of 10 calls each).
+
+    python3 bench/lora_gemm.py [--configs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from lora_core import lora_gemm, low_rank
+
+# (what, m, k, n, rank, members): forward = x W^T + z U^T; backward = gy W + gz D (R = members x rank)
+SHAPES = [
+    ("fwd to_out 64x64", 65536, 320, 320, 16, 1),
+    ("fwd qkv 64x64", 65536, 320, 960, 16, 3),
+    ("bwd to_out 64x64", 65536, 320, 320, 16, 1),
+    ("bwd qkv 64x64", 65536, 960, 320, 48, 1),
+    ("fwd to_out 32x32", 16384, 640, 640, 16, 1),
+    ("fwd qkv 32x32", 16384, 640, 1920, 16, 3),
+    ("bwd qkv 32x32", 16384, 1920, 640, 48, 1),
+    ("fwd to_out 16x16", 4096, 1280, 1280, 16, 1),
+    ("bwd qkv 16x16", 4096, 3840, 1280, 48, 1),
+]
+CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]
+
+
+def timed(fn) -> float:
+    """Median microseconds per call."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 100)  # ms for 10 calls -> us per call
+    return sorted(times)[len(times) // 2]
+
+
+def operands(m: int, k: int, n: int, r: int, members: int, fwd: bool):
+    dev, dt = "cuda", torch.bfloat16
+    a = torch.randn(m, k, device=dev, dtype=dt)
+    b = torch.randn(n, k, device=dev, dtype=dt).t() if fwd else torch.randn(k, n, device=dev, dtype=dt)
+    z = torch.randn(m, r * members, device=dev, dtype=dt)
+    c = torch.randn(r, n, device=dev, dtype=dt)
+    return a, b, z, c
+
+
+def measure(what: str, m: int, k: int, n: int, r: int, members: int, configs: list) -> dict:
+    """One shape's row: the three ways' microseconds per call, and each configuration's error against fp32."""
+    a, b, z, c = operands(m, k, n, r, members, what.startswith("fwd"))
+    member_n = n // members
+    slices = [(slice(i * member_n, (i + 1) * member_n), slice(i * r, (i + 1) * r)) for i in range(members)]
+
+    def cublas(adder) -> None:
+        y = torch.mm(a, b)
+        for cols, zs in slices:
+            adder(y[:, cols], z[:, zs], c[:, cols].t())
+
+    row = {"what": what, "m": m, "k": k, "n": n, "R": r * members}
+    row["off_us"] = timed(lambda: cublas(lambda y, zz, u: y.addmm_(zz, u.t())))
+    row["add_us"] = timed(lambda: cublas(low_rank.add_))
+    row["mm_only_us"] = timed(lambda: torch.mm(a, b))
+    assert lora_gemm.applies(a, b, z, c, member_n), what
+    ref = torch.mm(a, b).float()
+    for cols, zs in slices:
+        ref[:, cols] += z[:, zs].float() @ c[:, cols].float()
+    for cfg in configs:
+        lora_gemm.BLOCK_M, lora_gemm.BLOCK_K, lora_gemm.WARPS, lora_gemm.STAGES = cfg
+        got = lora_gemm.linear(a, b, z, c, None, member_n)
+        row[f"gemm{cfg}_err"] = round(((got.float() - ref).abs().max() / ref.abs().max()).item(), 5)
+        row[f"gemm{cfg}_us"] = timed(lambda: lora_gemm.linear(a, b, z, c, None, member_n))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", action="store_true", help="time every tile configuration, not only the default")
+    args = ap.parse_args()
+    low_rank.enable("gemm")
+    default = (lora_gemm.BLOCK_M, lora_gemm.BLOCK_K, lora_gemm.WARPS, lora_gemm.STAGES)
+    for shape in SHAPES:
+        print(json.dumps(measure(*shape, CONFIGS if args.configs else [default])), flush=True)
+
+
+if __name__ == "__main__":
+    main()

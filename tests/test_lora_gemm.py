@@ -1,0 +1,170 @@
+"""The LoRA product kernel (lora_core/lora_gemm.py) against cuBLAS's products: values for the shapes and
+layouts the LoRA functions pass (a transposed weight, ragged edges, ranks that are not a power of two, a
+group's members side by side, a bias), and the LoRA functions' outputs and gradients with and without it.
+On the CPU the kernel runs in Triton's interpreter (in a subprocess, in fp32: the interpreter mishandles
+half-precision products); on a GPU compiled, in bf16, at SD1.5's shapes."""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+
+import pytest
+import torch
+from interpreted import cpu_only, worst_errors
+
+from lora_core import kernel_builds, lora_gemm, low_rank
+from lora_core.grouped_lora import _GroupedLoRAFn
+from lora_core.lora_fused import _LoRALinearFn
+
+INTERPRETED = textwrap.dedent('''
+import torch
+from lora_core import low_rank, lora_gemm
+from lora_core.grouped_lora import _GroupedLoRAFn
+from lora_core.lora_fused import _LoRALinearFn
+lora_gemm.BLOCK_M, lora_gemm.BLOCK_K, lora_gemm.GROUP_M = 16, 16, 2
+lora_gemm.block_n = lambda member_n: 16 if member_n % 16 == 0 else 8
+low_rank.BLOCK_M, low_rank.BLOCK_N = 16, 16
+low_rank.wanted = lambda t: low_rank._state["enabled"]
+low_rank.applies = lambda *a: low_rank._state["enabled"]
+torch.manual_seed(0)
+worst = {}
+def err(name, a, r):
+    worst[name] = max(worst.get(name, 0.0), ((a.double() - r.double()).abs().max() / r.double().abs().max()).item())
+low_rank.enable("gemm")
+# direct: shapes with ragged edges, strided b, groups
+for m, k, n, r, member, bias in ((37, 40, 48, 16, None, True), (50, 33, 48, 5, 16, False), (70, 24, 32, 48, None, False)):
+    a = torch.randn(m, k); b = torch.randn(n, k).t(); R = r * (n // (member or n))
+    z = torch.randn(m, R); c = torch.randn(r, n); bb = torch.randn(n) if bias else None
+    assert lora_gemm.applies(a, b, z, c, member), (m, k, n, r, member)
+    got = lora_gemm.linear(a, b, z, c, bb, member)
+    want = a.double() @ b.double() + (b.double()[0] * 0 if bb is None else bb.double())
+    mw = member or n
+    for i in range(n // mw):
+        want[:, i*mw:(i+1)*mw] += z.double()[:, i*r:(i+1)*r] @ c.double()[:, i*mw:(i+1)*mw]
+    err("direct", got, want)
+x = torch.randn(30, 24, requires_grad=True)
+w, b = torch.randn(32, 24), torch.randn(32)
+d, u = torch.randn(4, 24, requires_grad=True), torch.randn(32, 4, requires_grad=True)
+g = torch.randn(30, 32)
+ws = torch.randn(3 * 16, 24)
+ps = [torch.randn(4, 24, requires_grad=True) for _ in range(3)] + [torch.randn(16, 4, requires_grad=True) for _ in range(3)]
+gg = torch.randn(30, 48)
+results = []
+for mode in ("gemm", "off"):
+    low_rank.enable(mode)
+    y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
+    single = [y, *torch.autograd.grad(y, [x, d, u], g)]
+    yg = _GroupedLoRAFn.apply(x, ws, 0.5, [p.detach() for p in ps], *ps)
+    grouped = [yg, *torch.autograd.grad(yg, [x, *ps], gg)]
+    results.append(single + grouped)
+for a, r in zip(*results, strict=True):
+    err("functions", a, r)
+print("worst", worst["direct"], worst["functions"])
+''')
+
+
+@cpu_only
+def test_kernel_matches_cublas_in_the_interpreter():
+    direct, functions = worst_errors(INTERPRETED)
+    assert direct < 1e-5 and functions < 1e-5  # against float64 / the cuBLAS path, fp32
+
+
+def test_cpu_tensors_take_cublas():
+    low_rank.enable("gemm")
+    try:
+        a, b, z, c = torch.randn(6, 5), torch.randn(5, 4), torch.randn(6, 2), torch.randn(2, 4)
+        assert not lora_gemm.applies(a, b, z, c)
+    finally:
+        low_rank.enable("off")
+
+
+def test_members_must_be_whole_tiles(monkeypatch):
+    monkeypatch.setattr(low_rank, "wanted", lambda t: True)
+    low_rank.enable("gemm")
+    try:
+        a, b = torch.randn(8, 16), torch.randn(16, 3 * 320)
+        z, c = torch.randn(8, 3 * 4), torch.randn(4, 3 * 320)
+        assert lora_gemm.applies(a, b, z, c, 320)
+        assert not lora_gemm.applies(a, b[:, :3 * 96], z, c[:, :3 * 96], 96)  # 96 columns: not whole 64s
+        assert not lora_gemm.applies(a, b, z[:, :8], c, 320)  # z must hold every member's rank
+    finally:
+        low_rank.enable("off")
+
+
+def test_a_dry_run_notes_the_kernels_launches_backward_too(monkeypatch):
+    """Under a dry run the launches are noted, not made: the forward's and the backward's (autograd's
+    thread)."""
+    pytest.importorskip("triton")
+    monkeypatch.setitem(lora_gemm._state, "worked", False)
+    monkeypatch.setattr(low_rank, "wanted", lambda t: True)  # CPU tensors: nothing is launched anyway
+    low_rank.enable("gemm")
+    try:
+        x = torch.randn(32, 24, dtype=torch.bfloat16, requires_grad=True)
+        w, b = torch.randn(20, 24, dtype=torch.bfloat16), torch.randn(20, dtype=torch.bfloat16)
+        d, u = torch.randn(4, 24, requires_grad=True), torch.randn(20, 4, requires_grad=True)
+        with kernel_builds.recording() as records:
+            y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
+        t = threading.Thread(target=lambda: torch.autograd.grad(y, [x, d, u], torch.ones_like(y)))
+        t.start()
+        t.join()
+    finally:
+        low_rank.enable("off")
+    launches = [(kernel.__name__, kwargs["HAS_BIAS"]) for kernel, _, _, kwargs in records]
+    # each pass: the first call's probe (with a bias), then its own launch (the forward's with the bias)
+    assert launches == [("_gemm", True), ("_gemm", True), ("_gemm", True), ("_gemm", False)], launches
+    assert not lora_gemm._state["worked"]
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _rel(a: torch.Tensor, r: torch.Tensor) -> float:
+    return ((a.float() - r.float()).abs().max() / r.float().abs().max()).item()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(("m", "k", "n", "members"), [(65536, 320, 960, 3), (16384, 640, 640, 1), (4096, 3840, 1280, 1),
+                                                      (1232, 768, 640, 2)])
+def test_kernel_matches_fp32_on_the_gpu(m, k, n, members):
+    torch.manual_seed(0)
+    low_rank.enable("gemm")
+    try:
+        dev, dt, r = "cuda", torch.bfloat16, 16
+        a, b = torch.randn(m, k, device=dev, dtype=dt), torch.randn(n, k, device=dev, dtype=dt).t()
+        z, c = torch.randn(m, r * members, device=dev, dtype=dt), torch.randn(r, n, device=dev, dtype=dt)
+        bias = torch.randn(n, device=dev, dtype=dt)
+        assert lora_gemm.applies(a, b, z, c, n // members)
+        want = a.float() @ b.float() + bias.float()
+        w = n // members
+        for i in range(members):
+            want[:, i * w:(i + 1) * w] += z[:, i * r:(i + 1) * r].float() @ c[:, i * w:(i + 1) * w].float()
+        assert _rel(lora_gemm.linear(a, b, z, c, bias, n // members), want) < 1e-2
+    finally:
+        low_rank.enable("off")
+
+
+@pytest.mark.gpu
+@gpu
+def test_lora_functions_agree_with_and_without_the_kernel_on_the_gpu():
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(8192, 320, device=dev, dtype=dt, requires_grad=True)
+    w, b = torch.randn(320, 320, device=dev, dtype=dt) / 18, torch.randn(320, device=dev, dtype=dt)
+    d = torch.randn(16, 320, device=dev, requires_grad=True)
+    u = torch.randn(320, 16, device=dev, requires_grad=True)
+    ws = torch.randn(960, 320, device=dev, dtype=dt) / 18
+    ps = [torch.randn(16, 320, device=dev, requires_grad=True) for _ in range(3)]
+    ps += [torch.randn(320, 16, device=dev, requires_grad=True) for _ in range(3)]
+    g, gg = torch.randn(8192, 320, device=dev, dtype=dt), torch.randn(8192, 960, device=dev, dtype=dt)
+    results = []
+    for mode in ("gemm", "off"):
+        low_rank.enable(mode)
+        y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
+        yg = _GroupedLoRAFn.apply(x, ws, 0.5, [p.detach() for p in ps], *ps)
+        results.append([y, *torch.autograd.grad(y, [x, d, u], g), yg, *torch.autograd.grad(yg, [x, *ps], gg)])
+    low_rank.enable("off")
+    assert lora_gemm._state["worked"]
+    for a, r in zip(*results, strict=True):
+        assert _rel(a, r) < 2e-2
