@@ -1,8 +1,10 @@
-"""The adapted layers' products at SD1.5 batch-16 shapes, three ways: cuBLAS's base product then its rank-16
-product onto the output (addmm_, `performance.low_rank_kernel=off`), cuBLAS's base product then
-lora_core/low_rank.py's add kernel (`add`), and lora_core/lora_gemm.py's single product (`gemm`) with a few
-tile configurations. Prints one JSON line per shape and way: microseconds per call (CUDA events, median of
-20 timings of 10 calls each).
+"""The adapted layers' products at SD1.5 batch-16 shapes, each with the adapter's down product z = s a D that
+precedes it: cuBLAS's products, the last a rank-16 product onto the output (addmm_,
+`performance.low_rank_kernel=off`); cuBLAS's products with lora_core/low_rank.py's add kernel in place of the
+last (`add`); cuBLAS's down product and lora_core/lora_gemm.py's single product (`gemm_z_apart`); and
+lora_core/lora_gemm.py's single product computing z as well (`gemm`, what the LoRA functions run where it
+applies; not for a group's backward, whose z comes apart), with a few tile configurations. Prints one JSON
+line per shape: microseconds per call (CUDA events, median of 20 timings of 10 calls each).
 
     python3 bench/lora_gemm.py [--configs]
 """
@@ -16,7 +18,8 @@ import torch
 
 from lora_core import lora_gemm, low_rank
 
-# (what, m, k, n, rank, members): forward = x W^T + z U^T; backward = gy W + gz D (R = members x rank)
+# (what, m, k, n, rank, members): forward = x W^T + z U^T with z = s x D^T; backward = gy W + gz D with gz = s gy U
+# (a group's backward: R = members x rank, z apart)
 SHAPES = [
     ("fwd to_out 64x64", 65536, 320, 320, 16, 1),
     ("fwd qkv 64x64", 65536, 320, 960, 16, 3),
@@ -51,35 +54,45 @@ def operands(m: int, k: int, n: int, r: int, members: int, fwd: bool):
     dev, dt = "cuda", torch.bfloat16
     a = torch.randn(m, k, device=dev, dtype=dt)
     b = torch.randn(n, k, device=dev, dtype=dt).t() if fwd else torch.randn(k, n, device=dev, dtype=dt)
-    z = torch.randn(m, r * members, device=dev, dtype=dt)
+    down = torch.randn(r * members, k, device=dev, dtype=dt).t() / k**0.5
     c = torch.randn(r, n, device=dev, dtype=dt)
-    return a, b, z, c
+    return a, b, down, c
 
 
 def measure(what: str, m: int, k: int, n: int, r: int, members: int, configs: list) -> dict:
-    """One shape's row: the three ways' microseconds per call, and each configuration's error against fp32."""
-    a, b, z, c = operands(m, k, n, r, members, what.startswith("fwd"))
+    """One shape's row: each way's microseconds per call, and each configuration's error against fp32."""
+    a, b, down, c = operands(m, k, n, r, members, what.startswith("fwd"))
     member_n = n // members
     slices = [(slice(i * member_n, (i + 1) * member_n), slice(i * r, (i + 1) * r)) for i in range(members)]
+    z = torch.mm(a, down).mul_(0.5)
 
     def cublas(adder) -> None:
+        zz = torch.mm(a, down).mul_(0.5)
         y = torch.mm(a, b)
         for cols, zs in slices:
-            adder(y[:, cols], z[:, zs], c[:, cols].t())
+            adder(y[:, cols], zz[:, zs], c[:, cols].t())
 
     row = {"what": what, "m": m, "k": k, "n": n, "R": r * members}
     row["off_us"] = timed(lambda: cublas(lambda y, zz, u: y.addmm_(zz, u.t())))
     row["add_us"] = timed(lambda: cublas(low_rank.add_))
     row["mm_only_us"] = timed(lambda: torch.mm(a, b))
+    grouped_backward = what.startswith("bwd qkv")
     assert lora_gemm.applies(a, b, z, c, member_n), what
+    assert grouped_backward or lora_gemm.applies_down(a, b, down, c, member_n), what
     ref = torch.mm(a, b).float()
     for cols, zs in slices:
         ref[:, cols] += z[:, zs].float() @ c[:, cols].float()
     for cfg in configs:
         lora_gemm.BLOCK_M, lora_gemm.BLOCK_K, lora_gemm.WARPS, lora_gemm.STAGES = cfg
         got = lora_gemm.linear(a, b, z, c, None, member_n)
-        row[f"gemm{cfg}_err"] = round(((got.float() - ref).abs().max() / ref.abs().max()).item(), 5)
-        row[f"gemm{cfg}_us"] = timed(lambda: lora_gemm.linear(a, b, z, c, None, member_n))
+        row[f"gemm_z_apart{cfg}_err"] = round(((got.float() - ref).abs().max() / ref.abs().max()).item(), 5)
+        row[f"gemm_z_apart{cfg}_us"] = timed(
+            lambda: lora_gemm.linear(a, b, torch.mm(a, down).mul_(0.5), c, None, member_n))
+        if not grouped_backward:
+            got, got_z = lora_gemm.linear_down(a, b, down, c, 0.5, None, member_n)
+            row[f"gemm{cfg}_err"] = round(max(((got.float() - ref).abs().max() / ref.abs().max()).item(),
+                                              ((got_z.float() - z.float()).abs().max() / z.float().abs().max()).item()), 5)
+            row[f"gemm{cfg}_us"] = timed(lambda: lora_gemm.linear_down(a, b, down, c, 0.5, None, member_n))
     return row
 
 

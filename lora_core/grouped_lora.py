@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import low_rank
-from .lora_fused import _gemm, _mm_as, compute_dtype
+from .lora_fused import _gemm, _gemm_down, _mm_as, compute_dtype
 
 
 def grouped_kernel_applies(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
@@ -48,9 +48,11 @@ class _GroupedLoRAFn(torch.autograd.Function):
         g = len(params) // 2
         downs, ups = [w.to(x.dtype) for w in computes[:g]], [w.to(x.dtype) for w in computes[g:]]
         down = torch.cat(downs) if g > 1 else downs[0]
-        zs = torch.mm(x, down.t()).mul_(scale)  # [N, G x rank]: small, so the scale costs nothing here
-        y = _one_product(x, weight, zs, ups)
-        if y is None:
+        fused = _one_product(x, weight, down, ups, scale)
+        if fused is not None:
+            y, zs = fused
+        else:
+            zs = torch.mm(x, down.t()).mul_(scale)  # [N, G x rank]: small, so the scale costs nothing here
             y = F.linear(x, weight)
             for y_i, z_i, u in zip(y.split(_outs(ups), 1), zs.split(_ranks(ups), 1), ups, strict=True):
                 low_rank.add_(y_i, z_i, u)  # into the member's columns, in place
@@ -86,14 +88,14 @@ class _GroupedLoRAFn(torch.autograd.Function):
 _PARAMS = 4  # where `params` start among the function's inputs (x, weight, scale, computes)
 
 
-def _one_product(x: torch.Tensor, weight: torch.Tensor, zs: torch.Tensor, ups: list[torch.Tensor]
-                 ) -> torch.Tensor | None:
-    """The group's output as one product with every member's adapter (lora_core/lora_gemm.py), where the
-    members are alike (one width, one rank) and the kernel applies; else None."""
+def _one_product(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, ups: list[torch.Tensor], scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the group's output, zs) from one product with every member's adapter (lora_core/lora_gemm.py), where
+    the members are alike (one width, one rank) and the kernel applies; else None."""
     if len(set(_outs(ups))) > 1 or len(set(_ranks(ups))) > 1 or not low_rank.wanted_gemm(x):
         return None
     c = (torch.cat(ups) if len(ups) > 1 else ups[0]).t()  # [rank, G x out]: the members side by side
-    return _gemm(x, weight.t(), zs, c, member_n=ups[0].shape[0])
+    return _gemm_down(x, weight.t(), down.t(), c, scale, member_n=ups[0].shape[0])
 
 
 def _outs(ups: list[torch.Tensor]) -> list[int]:

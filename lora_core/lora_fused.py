@@ -36,18 +36,20 @@ class _LoRALinearFn(torch.autograd.Function):
         # a working copy (already in the compute dtype) replaces the per-call cast
         d = down.to(x.dtype) if work_down is None else work_down.to(x.dtype)
         u = up.to(x.dtype) if work_up is None else work_up.to(x.dtype)
-        zs = torch.mm(x, d.t()).mul_(scale)  # [N, r]: small, so the scale costs nothing here
-        if torch.compiler.is_compiling():
-            # out of place: torch 2.11's Dynamo returns each intermediate of an autograd.Function's forward
-            # as an extra output, and the alias of `y` made by addmm_ took the gradient meant for `y`; the
-            # backward got zeros and no adapter trained (pytorch issue 180642, fixed in 2.12)
-            y = torch.addmm(F.linear(x, weight, bias), zs, u.t())
-        elif low_rank.wanted(x):  # the bias rides on the adapter's pass (lora_core/low_rank.py, lora_gemm.py)
-            y = _gemm(x, weight.t(), zs, u.t(), bias)
-            if y is None:
-                y = low_rank.add_(torch.mm(x, weight.t()), zs, u, bias)
+        fused = _gemm_down(x, weight.t(), d.t(), u.t(), scale, bias)  # y and zs in one kernel, where it runs
+        if fused is not None:
+            y, zs = fused
         else:
-            y = F.linear(x, weight, bias).addmm_(zs, u.t())
+            zs = _down(x, d, scale)
+            if torch.compiler.is_compiling():
+                # out of place: torch 2.11's Dynamo returns each intermediate of an autograd.Function's
+                # forward as an extra output, and the alias of `y` made by addmm_ took the gradient meant for
+                # `y`; the backward got zeros and no adapter trained (pytorch issue 180642, fixed in 2.12)
+                y = torch.addmm(F.linear(x, weight, bias), zs, u.t())
+            elif low_rank.wanted(x):  # the bias rides on the adapter's pass (lora_core/low_rank.py)
+                y = low_rank.add_(torch.mm(x, weight.t()), zs, u, bias)
+            else:
+                y = F.linear(x, weight, bias).addmm_(zs, u.t())
         ctx.save_for_backward(x, weight, d, u, zs)
         ctx.scale, ctx.param_dtypes = scale, (down.dtype, up.dtype)
         ctx.records = low_rank.records()  # a dry run's: the backward's kernel launches are noted there too
@@ -58,16 +60,20 @@ class _LoRALinearFn(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, d, u, zs = ctx.saved_tensors
         g = grad.to(x.dtype)
-        gz = torch.mm(g, u).mul_(ctx.scale)  # d loss / d (x D^T)
         need_x, _, _, need_down, need_up = ctx.needs_input_grad[:5]
+        # d loss / d (x D^T), with the input's gradient in one kernel where it runs
+        fused = _gemm_down(g, weight, u, d, ctx.scale, records=ctx.records) if need_x else None
+        grad_x, gz = fused if fused is not None else (None, _down(g, u.t(), ctx.scale))
         grad_down = _mm_as(gz.t(), x, ctx.param_dtypes[0]) if need_down else None
         grad_up = _mm_as(g.t(), zs, ctx.param_dtypes[1]) if need_up else None
-        grad_x = None
-        if need_x:
-            grad_x = _gemm(g, weight, gz, d, records=ctx.records)
-            if grad_x is None:
-                grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t(), records=ctx.records)
+        if need_x and grad_x is None:
+            grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t(), records=ctx.records)
         return grad_x, None, None, grad_down, grad_up, None, None, None
+
+
+def _down(x: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale x D^T, [N, r]: small, so the scale costs nothing here."""
+    return torch.mm(x, d.t()).mul_(scale)
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
@@ -76,6 +82,16 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: torch.Tensor, bi
     if not lora_gemm.applies(a, b, z, c, member_n):
         return None
     return lora_gemm.linear(a, b, z, c, bias, member_n, records)
+
+
+def _gemm_down(a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, c: torch.Tensor, scale: float,
+               bias: torch.Tensor | None = None, member_n: int | None = None, records: list | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(a b + z c (+ bias), z = scale a down) in one kernel (lora_core/lora_gemm.py) where it applies and
+    runs, else None."""
+    if not lora_gemm.applies_down(a, b, down, c, member_n):
+        return None
+    return lora_gemm.linear_down(a, b, down, c, scale, bias, member_n, records)
 
 
 def _mm_as(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -69,10 +69,10 @@ if triton is not None:
 
     @triton.jit
     def _gemm(
-        OUT, A, B, Z, C, BIAS,
-        m, n, k, r, member_n,
-        a_m, a_k, b_k, b_n, z_m, c_r, c_n,
-        HAS_BIAS: tl.constexpr,
+        OUT, A, B, Z, C, BIAS, DOWN,
+        m, n, k, r, member_n, scale,
+        a_m, a_k, b_k, b_n, z_m, c_r, c_n, d_k, d_r,
+        HAS_BIAS: tl.constexpr, MAKE_Z: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
@@ -87,17 +87,28 @@ if triton is not None:
         cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask, cmask = rows < m, cols < n
         rows64 = rows.to(tl.int64)
+        js = tl.arange(0, BLOCK_R)
+        jmask = js < r
+        first_z = (tile_n * BLOCK_N // member_n) * r  # this member's columns of z
+        zmask = rmask[:, None] & jmask[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        z_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for start in range(0, k, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
             kmask = ks < k
             a = tl.load(A + rows64[:, None] * a_m + ks[None, :] * a_k, mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(B + ks[:, None] * b_k + cols[None, :] * b_n, mask=kmask[:, None] & cmask[None, :], other=0.0)
             acc = tl.dot(a, b, acc)
-        js = tl.arange(0, BLOCK_R)
-        jmask = js < r
-        first_z = (tile_n * BLOCK_N // member_n) * r  # this member's columns of z
-        z = tl.load(Z + rows64[:, None] * z_m + (first_z + js)[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
+            if MAKE_Z:  # the member's z = s a D, from the same tiles of a
+                d = tl.load(DOWN + ks[:, None] * d_k + (first_z + js)[None, :] * d_r,
+                            mask=kmask[:, None] & jmask[None, :], other=0.0)
+                z_acc = tl.dot(a, d, z_acc)
+        if MAKE_Z:
+            z = (z_acc * scale).to(Z.dtype.element_ty)
+            if (tile_n * BLOCK_N) % member_n == 0:  # the member's first tile writes its z
+                tl.store(Z + rows64[:, None] * z_m + (first_z + js)[None, :], z, mask=zmask)
+        else:
+            z = tl.load(Z + rows64[:, None] * z_m + (first_z + js)[None, :], mask=zmask, other=0.0)
         c = tl.load(C + js[:, None] * c_r + cols[None, :] * c_n, mask=jmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(z, c, acc)
         if HAS_BIAS:
@@ -107,17 +118,18 @@ if triton is not None:
 
 
 def _launch(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: torch.Tensor,
-            bias: torch.Tensor | None, member_n: int) -> None:
+            bias: torch.Tensor | None, member_n: int, down: torch.Tensor | None = None, scale: float = 1.0) -> None:
     (m, k), n, r = a.shape, b.shape[1], c.shape[0]
     bn = block_n(member_n)
     with on_device(out):
         launch(
             _gemm,
             (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, bn),),
-            out, a, b, z, c, bias if bias is not None else out,
-            m, n, k, r, member_n,
+            out, a, b, z, c, bias if bias is not None else out, down if down is not None else out,
+            m, n, k, r, member_n, scale,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), z.stride(0), c.stride(0), c.stride(1),
-            HAS_BIAS=bias is not None,
+            *(down.stride() if down is not None else (0, 0)),
+            HAS_BIAS=bias is not None, MAKE_Z=down is not None,
             BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=BLOCK_K, BLOCK_R=max(16, triton.next_power_of_2(r)),
             GROUP_M=GROUP_M,
             num_warps=WARPS, num_stages=STAGES,
@@ -134,17 +146,39 @@ def _ready(like: torch.Tensor) -> bool:
     return kernel_builds.ready(_state, probe, "the LoRA product kernel does not run here, cuBLAS's products run instead")
 
 
+def _usable(a: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (bias is None or (bias.dtype == a.dtype and bias.is_contiguous())) and _ready(a)
+
+
 def linear(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None,
            member_n: int | None = None, records: list | None = None) -> torch.Tensor | None:
     """a b + z c (+ bias) as a new [m, n] tensor, or None where the kernel does not run here (the caller
     then computes it with cuBLAS); only for calls `applies` takes. `records`: a dry run's list, as in
     `low_rank.add_`."""
-    member_n = member_n or b.shape[1]
-    if bias is not None and (bias.dtype != a.dtype or not bias.is_contiguous()):
-        return None
     with kernel_builds.noting(records):
-        if not _ready(a):
+        if not _usable(a, bias):
             return None
-        out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=a.dtype)
-        _launch(out, a, b, z, c, bias, member_n)
+        out = a.new_empty(a.shape[0], b.shape[1])
+        _launch(out, a, b, z, c, bias, member_n or b.shape[1])
     return out
+
+
+def applies_down(a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, c: torch.Tensor,
+                 member_n: int | None = None) -> bool:
+    """Whether `linear_down` takes the call (`applies`, with down [k, R] in a's dtype in place of z)."""
+    like_z = torch.empty(a.shape[0], down.shape[1], dtype=a.dtype, device="meta")  # what z will be
+    return down.dim() == 2 and down.shape[0] == a.shape[1] and down.dtype == a.dtype and applies(a, b, like_z, c, member_n)
+
+
+def linear_down(a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, c: torch.Tensor, scale: float,
+                bias: torch.Tensor | None = None, member_n: int | None = None, records: list | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(a b + z c (+ bias), z) with z = scale a down computed in the same kernel from the same tiles of a
+    (rounded to a's dtype before its product with c, as when it comes from its own product), or None where
+    the kernel does not run here; only for calls `applies_down` takes."""
+    with kernel_builds.noting(records):
+        if not _usable(a, bias):
+            return None
+        out, z = a.new_empty(a.shape[0], b.shape[1]), a.new_empty(a.shape[0], down.shape[1])
+        _launch(out, a, b, z, c, bias, member_n or b.shape[1], down, scale)
+    return out, z

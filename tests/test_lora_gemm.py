@@ -43,6 +43,15 @@ for m, k, n, r, member, bias in ((37, 40, 48, 16, None, True), (50, 33, 48, 5, 1
     for i in range(n // mw):
         want[:, i*mw:(i+1)*mw] += z.double()[:, i*r:(i+1)*r] @ c.double()[:, i*mw:(i+1)*mw]
     err("direct", got, want)
+    if m != 70:  # z computed in the kernel as well: from down [k, R], scaled
+        down = torch.randn(R, k).t()
+        got, got_z = lora_gemm.linear_down(a, b, down, c, 0.5, bb, member)
+        zd = 0.5 * a.double() @ down.double()
+        want = a.double() @ b.double() + (0 if bb is None else bb.double())
+        for i in range(n // mw):
+            want[:, i*mw:(i+1)*mw] += zd[:, i*r:(i+1)*r] @ c.double()[:, i*mw:(i+1)*mw]
+        err("direct", got, want)
+        err("direct", got_z, zd)
 x = torch.randn(30, 24, requires_grad=True)
 w, b = torch.randn(32, 24), torch.randn(32)
 d, u = torch.randn(4, 24, requires_grad=True), torch.randn(32, 4, requires_grad=True)
