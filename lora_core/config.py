@@ -151,6 +151,10 @@ def _show(value: Any) -> str:
         return repr(value)
 
 
+# settings whose values were once true/false: what those mean now (configs saved with earlier runs still load)
+_FORMER_VALUES = {("performance", "low_rank_kernel"): {True: "add", False: "off"}}
+
+
 def _merge(cfg: TrainConfig, d: Mapping[str, Any], *, strict: bool, source: str) -> TrainConfig:
     """Copy of cfg with d's values set; collects unknown names and wrong types into one ConfigError."""
     if not isinstance(d, Mapping):
@@ -170,6 +174,7 @@ def _merge(cfg: TrainConfig, d: Mapping[str, Any], *, strict: bool, source: str)
             if name not in sections[section]:
                 unknown.append(f"{section}: " + _unknown("field", name, sections[section]))
                 continue
+            value = _FORMER_VALUES.get((section, name), {}).get(value, value) if isinstance(value, bool) else value
             try:
                 setattr(getattr(out, section), name, _check_type(value, sections[section][name][1]))
             except TypeError as e:

@@ -48,12 +48,13 @@ def applies(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: torch.Tensor, 
     """Whether `linear` takes the call: the kernel switched on and working (`low_rank.wanted`, mode gemm),
     tensors of one dtype with the shapes above, z with unit column steps, R at most MAX_RANK, and the
     members (if several) a whole number of tiles wide."""
+    if not (low_rank.wanted_gemm(a) and not _state["failed"] and a.dim() == b.dim() == z.dim() == c.dim() == 2):
+        return False
     m, k = a.shape
     n, r = b.shape[1], c.shape[0]
     member_n = member_n or n
     return (
-        low_rank.wanted_gemm(a)
-        and a.dtype == b.dtype == z.dtype == c.dtype
+        a.dtype == b.dtype == z.dtype == c.dtype
         and tuple(b.shape) == (k, n)
         and tuple(z.shape[:1]) == (m,)
         and tuple(c.shape) == (r, n)
@@ -94,7 +95,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         z_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for start in range(0, k, BLOCK_K):
-            ks = start + tl.arange(0, BLOCK_K)
+            ks = (start + tl.arange(0, BLOCK_K)).to(tl.int64)
             kmask = ks < k
             a = tl.load(A + rows64[:, None] * a_m + ks[None, :] * a_k, mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(B + ks[:, None] * b_k + cols[None, :] * b_n, mask=kmask[:, None] & cmask[None, :], other=0.0)
@@ -166,8 +167,10 @@ def linear(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: torch.Tensor, b
 def applies_down(a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, c: torch.Tensor,
                  member_n: int | None = None) -> bool:
     """Whether `linear_down` takes the call (`applies`, with down [k, R] in a's dtype in place of z)."""
+    if not (low_rank.wanted_gemm(a) and a.dim() == down.dim() == 2):
+        return False
     like_z = torch.empty(a.shape[0], down.shape[1], dtype=a.dtype, device="meta")  # what z will be
-    return down.dim() == 2 and down.shape[0] == a.shape[1] and down.dtype == a.dtype and applies(a, b, like_z, c, member_n)
+    return down.shape[0] == a.shape[1] and down.dtype == a.dtype and applies(a, b, like_z, c, member_n)
 
 
 def linear_down(a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, c: torch.Tensor, scale: float,

@@ -186,3 +186,10 @@ def test_iter_fields_covers_every_field():
         assert default == getattr(getattr(TrainConfig(), section), name)
         if "choices" in f.metadata:
             assert default in f.metadata["choices"]
+
+
+@pytest.mark.parametrize(("former", "now"), [("true", "add"), ("false", "off")])
+def test_a_config_saved_when_low_rank_kernel_was_true_or_false_still_loads(tmp_path, former, now):
+    path = tmp_path / "config.toml"
+    path.write_text(f"[performance]\nlow_rank_kernel = {former}\n")
+    assert config.load_toml(path).performance.low_rank_kernel == now

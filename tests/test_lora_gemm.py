@@ -177,3 +177,15 @@ def test_lora_functions_agree_with_and_without_the_kernel_on_the_gpu():
     assert lora_gemm._state["worked"]
     for a, r in zip(*results, strict=True):
         assert _rel(a, r) < 2e-2
+
+
+def test_a_kernel_that_failed_here_is_not_tried_again(monkeypatch):
+    monkeypatch.setattr(low_rank, "wanted", lambda t: True)
+    monkeypatch.setitem(lora_gemm._state, "failed", True)
+    low_rank.enable("gemm")
+    try:
+        a, b, z, c = torch.randn(8, 16), torch.randn(16, 64), torch.randn(8, 4), torch.randn(4, 64)
+        assert not lora_gemm.applies(a, b, z, c)
+        assert not lora_gemm.applies_down(a, b, torch.randn(16, 4), c)
+    finally:
+        low_rank.enable("off")
