@@ -120,9 +120,9 @@ case $which in
     timeout 400 python3 -m pytest -q -m gpu tests/test_lean_transformer.py tests/test_layer_norm.py \
       "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1 ;;
   lowrank)
+    for mode in gemm off; do row bench/ours.py --batch 16 --set performance.low_rank_kernel=$mode; done
     timeout 150 python3 -m pytest -q -m gpu tests/test_lora_gemm.py >"${out%.jsonl}-tests.txt" 2>&1
-    timeout 120 python3 bench/lora_gemm.py >"${out%.jsonl}-products.jsonl" 2>>"${out%.jsonl}.log"
-    for mode in gemm off; do row bench/ours.py --batch 16 --set performance.low_rank_kernel=$mode; done ;;
+    timeout 120 python3 bench/lora_gemm.py >"${out%.jsonl}-products.jsonl" 2>>"${out%.jsonl}.log" ;;
   lowrank2)
     for mode in off gemm add off gemm; do row bench/ours.py --batch 16 --set performance.low_rank_kernel=$mode; done
     timeout 200 python3 bench/profile_step.py --batch 16 --ops --shapes --set performance.cuda_graphs=off \
