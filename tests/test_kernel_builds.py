@@ -23,16 +23,19 @@ POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp3
 OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
 
-def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
-    """(signature, constants) as Triton's launcher makes them: constexpr parameters and integers equal to 1
-    become constants; tensors pointers to their dtype; other integers 32-bit where they fit."""
+def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constants, attributes) as Triton's launcher makes them: constexpr parameters and integers
+    equal to 1 become constants; tensors pointers to their dtype; other integers 32-bit where they fit;
+    pointers (the allocator's, aligned) and integers divisible by 16 marked so, which is what lets the
+    compiler vectorise and pipeline loads."""
     values = dict(zip(fn.arg_names, args, strict=False)) | {k: v for k, v in kwargs.items() if k not in OPTIONS}
-    sig, consts = {}, {}
-    for name, param in zip(fn.arg_names, fn.params, strict=True):
+    sig, consts, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params, strict=True)):
         v = values[name]
         if param.is_constexpr or v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
             sig[name], consts[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
+            continue
+        if isinstance(v, torch.Tensor):
             sig[name] = POINTER[v.dtype]
         elif isinstance(v, bool):
             sig[name] = "i1"
@@ -42,7 +45,9 @@ def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
             sig[name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: no signature for {name}={v!r}")
-    return sig, consts
+        if isinstance(v, torch.Tensor) or (type(v) is int and v % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
 
 
 def _structure(consts: dict) -> tuple:
@@ -54,32 +59,36 @@ def _structure(consts: dict) -> tuple:
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Record the kernel launches (kernel, signature, constants, warps) instead of making them: for each
+    """Record the kernel launches (kernel, signature, constants, attributes, options) instead of making them: for each
     structure of launch, the one with the largest blocks."""
     seen = {}
 
     def record(self, *args, grid, warmup, **kwargs):
-        sig, consts = _signature(self, args, kwargs)
-        warps = kwargs.get("num_warps", 4)
-        key = (self.__name__, tuple(sig.items()), _structure(consts), warps)
+        sig, consts, attrs = _signature(self, args, kwargs)
+        options = {k: kwargs[k] for k in OPTIONS if k in kwargs}
+        key = (self.__name__, tuple(sig.items()), _structure(consts), tuple(attrs), tuple(options.items()))
         size = sum(v for v in consts.values() if type(v) is int)
         if key not in seen or size > seen[key][0]:  # per structure, the launch with the largest blocks
-            seen[key] = (size, self, sig, consts, warps)
+            seen[key] = (size, self, sig, consts, attrs, options)
 
     monkeypatch.setattr(JITFunction, "run", record)
     return seen
 
 
-def _build_all(seen: dict) -> list[str]:
+def _build_all(seen: dict, built: list | None = None) -> list[str]:
+    """Compile each recorded launch for Hopper; the failures, described. `built` collects (name, constants,
+    compiled kernel) for further checks."""
     failures = []
-    for _, fn, sig, consts, warps in seen.values():
+    for _, fn, sig, consts, attrs, options in seen.values():
         try:
-            kernel = triton.compile(ASTSource(fn, sig, consts), target=HOPPER, options={"num_warps": warps})
+            kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=HOPPER, options=options)
         except Exception as e:  # the message names the kernel and the specialisation that failed
             failures.append(f"{fn.__name__} {consts}: {type(e).__name__}: {str(e)[-400:]}")
             continue
         if kernel.metadata.shared > HOPPER_SHARED:  # would fail to load: out of resources
             failures.append(f"{fn.__name__} {consts}: {kernel.metadata.shared} bytes of shared memory")
+        if built is not None:
+            built.append((fn.__name__, consts, kernel))
     return failures
 
 
@@ -137,3 +146,40 @@ def test_layer_norm_and_geglu_kernels_build_at_the_unets_shapes(launches):
     assert {key[0] for key in launches} == {"_forward", "_backward"}
     failures = _build_all(launches)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("mode", ["gemm", "add"])
+def test_lora_product_kernels_build_at_the_unets_shapes(launches, monkeypatch, mode):
+    """lora_core/lora_gemm.py's and low_rank.py's kernels, through the LoRA functions' forward and backward
+    at SD1.5 batch-16 shapes (self-attention's q, k, v as a group, its output alone, cross-attention's k, v)."""
+    from lora_core import lora_gemm, low_rank
+    from lora_core.grouped_lora import _GroupedLoRAFn
+    from lora_core.lora_fused import _LoRALinearFn
+
+    monkeypatch.setattr(low_rank, "wanted", lambda t: low_rank._state["enabled"])  # meta tensors
+    monkeypatch.setitem(lora_gemm._state, "worked", False)
+    monkeypatch.setitem(low_rank._state, "worked", False)
+    low_rank.enable(mode)
+    try:
+        for tokens, width in ((65536, 320), (16384, 640), (4096, 1280)):
+            x = _meta((tokens, width)).requires_grad_()
+            w, b = _meta((width, width)), _meta((width,))
+            d = torch.empty(16, width, device="meta").requires_grad_()
+            u = torch.empty(width, 16, device="meta").requires_grad_()
+            y = _LoRALinearFn.apply(x, w, b, d, u, 1.0, None, None)
+            torch.autograd.grad(y, [x, d, u], torch.empty_like(y))
+            for inputs, members, rows in ((width, 3, tokens), (768, 2, 1232)):
+                xg = _meta((rows, inputs)).requires_grad_()
+                ps = [torch.empty(16, inputs, device="meta").requires_grad_() for _ in range(members)]
+                ps += [torch.empty(width, 16, device="meta").requires_grad_() for _ in range(members)]
+                yg = _GroupedLoRAFn.apply(xg, _meta((members * width, inputs)), 1.0, [p.detach() for p in ps], *ps)
+                torch.autograd.grad(yg, [xg, *ps], torch.empty_like(yg))
+    finally:
+        low_rank.enable("off")
+    assert {key[0] for key in launches} == ({"_gemm"} if mode == "gemm" else {"_add"})
+    built = []
+    failures = _build_all(launches, built)
+    assert not failures, "\n".join(failures)
+    if mode == "gemm":  # the product's loads are pipelined: copied ahead into shared memory while it computes
+        for _, consts, kernel in built:
+            assert "ttg.async_copy_global_to_local" in kernel.asm["ttgir"], consts
