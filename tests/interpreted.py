@@ -19,8 +19,35 @@ cpu_only = pytest.mark.skipif(
 def worst_errors(script: str) -> list[float]:
     """Run `script` with the kernels interpreted; the figures it printed after "worst"."""
     pytest.importorskip("triton")
-    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    here = os.path.dirname(os.path.abspath(__file__))  # this module, for the scripts' shared checks
+    path = os.pathsep.join(filter(None, [os.getcwd(), here, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return [float(v) for v in out.stdout.split("worst")[-1].split()]
+
+
+def lora_functions_worst_error(mode: str, width: int = 16) -> float:
+    """For a script run by `worst_errors`: the single and grouped LoRA functions' outputs and every gradient
+    with `performance.low_rank_kernel = mode` against cuBLAS's path (fp32), as the largest relative error.
+    `width`: each layer's output width (a group has three such members)."""
+    from lora_core import low_rank
+    from lora_core.grouped_lora import _GroupedLoRAFn
+    from lora_core.lora_fused import _LoRALinearFn
+
+    x = torch.randn(30, 24, requires_grad=True)
+    w, b = torch.randn(2 * width, 24), torch.randn(2 * width)
+    d, u = torch.randn(4, 24, requires_grad=True), torch.randn(2 * width, 4, requires_grad=True)
+    ws = torch.randn(3 * width, 24)
+    ps = [torch.randn(4, 24, requires_grad=True) for _ in range(3)]
+    ps += [torch.randn(width, 4, requires_grad=True) for _ in range(3)]
+    g, gg = torch.randn(30, 2 * width), torch.randn(30, 3 * width)
+    results = []
+    for m in (mode, "off"):
+        low_rank.enable(m)
+        y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
+        yg = _GroupedLoRAFn.apply(x, ws, 0.5, [p.detach() for p in ps], *ps)
+        results.append([y, *torch.autograd.grad(y, [x, d, u], g), yg, *torch.autograd.grad(yg, [x, *ps], gg)])
+    low_rank.enable("off")
+    return max(((a.double() - r.double()).abs().max() / r.double().abs().max()).item()
+               for a, r in zip(*results, strict=True))

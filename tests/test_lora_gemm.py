@@ -20,8 +20,6 @@ from lora_core.lora_fused import _LoRALinearFn
 INTERPRETED = textwrap.dedent('''
 import torch
 from lora_core import low_rank, lora_gemm
-from lora_core.grouped_lora import _GroupedLoRAFn
-from lora_core.lora_fused import _LoRALinearFn
 lora_gemm.BLOCK_M, lora_gemm.BLOCK_K, lora_gemm.GROUP_M = 16, 16, 2
 lora_gemm.block_n = lambda member_n: 16 if member_n % 16 == 0 else 8
 low_rank.BLOCK_M, low_rank.BLOCK_N = 16, 16
@@ -52,23 +50,8 @@ for m, k, n, r, member, bias in ((37, 40, 48, 16, None, True), (50, 33, 48, 5, 1
             want[:, i*mw:(i+1)*mw] += zd[:, i*r:(i+1)*r] @ c.double()[:, i*mw:(i+1)*mw]
         err("direct", got, want)
         err("direct", got_z, zd)
-x = torch.randn(30, 24, requires_grad=True)
-w, b = torch.randn(32, 24), torch.randn(32)
-d, u = torch.randn(4, 24, requires_grad=True), torch.randn(32, 4, requires_grad=True)
-g = torch.randn(30, 32)
-ws = torch.randn(3 * 16, 24)
-ps = [torch.randn(4, 24, requires_grad=True) for _ in range(3)] + [torch.randn(16, 4, requires_grad=True) for _ in range(3)]
-gg = torch.randn(30, 48)
-results = []
-for mode in ("gemm", "off"):
-    low_rank.enable(mode)
-    y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
-    single = [y, *torch.autograd.grad(y, [x, d, u], g)]
-    yg = _GroupedLoRAFn.apply(x, ws, 0.5, [p.detach() for p in ps], *ps)
-    grouped = [yg, *torch.autograd.grad(yg, [x, *ps], gg)]
-    results.append(single + grouped)
-for a, r in zip(*results, strict=True):
-    err("functions", a, r)
+from interpreted import lora_functions_worst_error
+worst["functions"] = lora_functions_worst_error("gemm")
 print("worst", worst["direct"], worst["functions"])
 ''')
 
@@ -101,13 +84,16 @@ def test_members_must_be_whole_tiles(monkeypatch):
         low_rank.enable("off")
 
 
-def test_a_dry_run_notes_the_kernels_launches_backward_too(monkeypatch):
-    """Under a dry run the launches are noted, not made: the forward's and the backward's (autograd's
-    thread)."""
+@pytest.mark.parametrize(("mode", "module", "kernel", "flag"), [("gemm", lora_gemm, "_gemm", "HAS_BIAS"),
+                                                         ("add", low_rank, "_add", "HAS_B")])
+def test_a_dry_run_notes_the_kernels_launches_backward_too(monkeypatch, mode, module, kernel, flag):
+    """Under a dry run (kernel_builds.recording) the launches are noted, not made: the forward's, and the
+    backward's, which autograd runs on a thread of its own on a GPU."""
     pytest.importorskip("triton")
-    monkeypatch.setitem(lora_gemm._state, "worked", False)
+    monkeypatch.setitem(module._state, "worked", False)
     monkeypatch.setattr(low_rank, "wanted", lambda t: True)  # CPU tensors: nothing is launched anyway
-    low_rank.enable("gemm")
+    monkeypatch.setattr(low_rank, "applies", lambda y, z, u: True)
+    low_rank.enable(mode)
     try:
         x = torch.randn(32, 24, dtype=torch.bfloat16, requires_grad=True)
         w, b = torch.randn(20, 24, dtype=torch.bfloat16), torch.randn(20, dtype=torch.bfloat16)
@@ -119,10 +105,10 @@ def test_a_dry_run_notes_the_kernels_launches_backward_too(monkeypatch):
         t.join()
     finally:
         low_rank.enable("off")
-    launches = [(kernel.__name__, kwargs["HAS_BIAS"]) for kernel, _, _, kwargs in records]
+    launches = [(k.__name__, kwargs[flag]) for k, _, _, kwargs in records]
     # each pass: the first call's probe (with a bias), then its own launch (the forward's with the bias)
-    assert launches == [("_gemm", True), ("_gemm", True), ("_gemm", True), ("_gemm", False)], launches
-    assert not lora_gemm._state["worked"]
+    assert launches == [(kernel, True), (kernel, True), (kernel, True), (kernel, False)], launches
+    assert not module._state["worked"]
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -156,7 +142,10 @@ def test_kernel_matches_fp32_on_the_gpu(m, k, n, members):
 
 @pytest.mark.gpu
 @gpu
-def test_lora_functions_agree_with_and_without_the_kernel_on_the_gpu():
+@pytest.mark.parametrize("kernel", ["gemm", "add"])
+def test_lora_functions_agree_with_and_without_the_kernels_on_the_gpu(kernel):
+    """Outputs and every gradient of the single and grouped LoRA functions with each kernel
+    (`low_rank_kernel` = gemm: this module's; add: lora_core/low_rank.py's) against cuBLAS's path."""
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     x = torch.randn(8192, 320, device=dev, dtype=dt, requires_grad=True)
@@ -168,13 +157,13 @@ def test_lora_functions_agree_with_and_without_the_kernel_on_the_gpu():
     ps += [torch.randn(320, 16, device=dev, requires_grad=True) for _ in range(3)]
     g, gg = torch.randn(8192, 320, device=dev, dtype=dt), torch.randn(8192, 960, device=dev, dtype=dt)
     results = []
-    for mode in ("gemm", "off"):
+    for mode in (kernel, "off"):
         low_rank.enable(mode)
         y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
         yg = _GroupedLoRAFn.apply(x, ws, 0.5, [p.detach() for p in ps], *ps)
         results.append([y, *torch.autograd.grad(y, [x, d, u], g), yg, *torch.autograd.grad(yg, [x, *ps], gg)])
     low_rank.enable("off")
-    assert lora_gemm._state["worked"]
+    assert (lora_gemm if kernel == "gemm" else low_rank)._state["worked"]
     for a, r in zip(*results, strict=True):
         assert _rel(a, r) < 2e-2
 

@@ -12,16 +12,14 @@ import torch
 from interpreted import cpu_only, worst_errors
 
 from lora_core import low_rank
-from lora_core.lora_fused import _LoRALinearFn
 
 INTERPRETED = textwrap.dedent("""
     import torch
     from lora_core import low_rank
-    from lora_core.grouped_lora import _GroupedLoRAFn
-    from lora_core.lora_fused import _LoRALinearFn
     low_rank.BLOCK_M, low_rank.BLOCK_N = 16, 16  # several programs each way
     low_rank.enable(True)
-    low_rank.applies = lambda *args: low_rank._state["enabled"]  # CPU tensors, which the interpreter runs
+    low_rank.wanted = lambda t: low_rank._state["enabled"]  # CPU tensors, which the interpreter runs
+    low_rank.applies = lambda *args: low_rank._state["enabled"]
     torch.manual_seed(0)
     worst = {}
 
@@ -43,23 +41,8 @@ INTERPRETED = textwrap.dedent("""
                 assert torch.equal(y[:, :n], before[:, :n]) and torch.equal(y[:, 2 * n:], before[:, 2 * n:])
 
     # the LoRA functions with the kernel against addmm_ (fp32): outputs and every gradient
-    x = torch.randn(30, 24, requires_grad=True)
-    w, b = torch.randn(20, 24), torch.randn(20)
-    d, u = torch.randn(4, 24, requires_grad=True), torch.randn(20, 4, requires_grad=True)
-    g = torch.randn(30, 20)
-    ws = torch.randn(3 * 8, 24)
-    ps = [torch.randn(4, 24, requires_grad=True) for _ in range(3)] + [torch.randn(8, 4, requires_grad=True) for _ in range(3)]
-    gg = torch.randn(30, 24)
-    results = []
-    for on in (True, False):
-        low_rank.enable(on)
-        y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
-        single = [y, *torch.autograd.grad(y, [x, d, u], g)]
-        yg = _GroupedLoRAFn.apply(x, ws, 0.5, [p.detach() for p in ps], *ps)
-        grouped = [yg, *torch.autograd.grad(yg, [x, *ps], gg)]
-        results.append(single + grouped)
-    for a, r in zip(*results, strict=True):
-        err("functions", a, r)
+    from interpreted import lora_functions_worst_error
+    worst["functions"] = lora_functions_worst_error("add", width=8)
     print("worst", worst["torch.float32"], worst["torch.bfloat16"], worst["functions"])
 """)
 
@@ -112,46 +95,5 @@ def test_kernel_matches_addmm_on_the_gpu(m, n, r):
         low_rank.enable(False)
 
 
-@pytest.mark.gpu
-@gpu
-def test_lora_functions_agree_with_and_without_the_kernel_on_the_gpu():
-    torch.manual_seed(0)
-    dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(8192, 320, device=dev, dtype=dt, requires_grad=True)
-    w, b = torch.randn(320, 320, device=dev, dtype=dt) / 18, torch.randn(320, device=dev, dtype=dt)
-    d = torch.randn(16, 320, device=dev, requires_grad=True)
-    u = torch.randn(320, 16, device=dev, requires_grad=True)
-    g = torch.randn(8192, 320, device=dev, dtype=dt)
-    results = []
-    for on in (True, False):
-        low_rank.enable(on)
-        y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
-        results.append([y, *torch.autograd.grad(y, [x, d, u], g)])
-    low_rank.enable(False)
-    for a, r in zip(*results, strict=True):
-        assert ((a.float() - r.float()).abs().max() / r.float().abs().max()).item() < 2e-2
-
-
-@pytest.mark.skipif(low_rank.triton is None, reason="needs Triton for the kernel's definition")
-def test_a_dry_run_notes_the_kernels_launches_backward_too(monkeypatch):
-    """Under a dry run (kernel_builds.recording) the launches are noted, not made: the forward's, and the
-    backward's, which autograd runs on a thread of its own on a GPU."""
-    import threading
-
-    from lora_core import kernel_builds
-
-    monkeypatch.setitem(low_rank._state, "worked", False)
-    monkeypatch.setattr(low_rank, "wanted", lambda t: True)  # CPU tensors: nothing is launched anyway
-    monkeypatch.setattr(low_rank, "applies", lambda y, z, u: True)
-    x = torch.randn(32, 24, dtype=torch.bfloat16, requires_grad=True)
-    w, b = torch.randn(20, 24, dtype=torch.bfloat16), torch.randn(20, dtype=torch.bfloat16)
-    d, u = torch.randn(4, 24, requires_grad=True), torch.randn(20, 4, requires_grad=True)
-    with kernel_builds.recording() as records:
-        y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
-    t = threading.Thread(target=lambda: torch.autograd.grad(y, [x, d, u], torch.ones_like(y)))
-    t.start()
-    t.join()
-    launches = [(kernel.__name__, kwargs["HAS_B"]) for kernel, _, _, kwargs in records]
-    # each pass: the first call's probe (with a bias), then its own launch (the forward's with the bias)
-    assert launches == [("_add", True), ("_add", True), ("_add", True), ("_add", False)], launches
-    assert not low_rank._state["worked"]
+# the LoRA functions with and without it on a GPU: tests/test_lora_gemm.py, for both kernels
+# a dry run noting the kernel's launches, forward and backward: tests/test_lora_gemm.py, for both kernels
