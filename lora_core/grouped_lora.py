@@ -95,7 +95,12 @@ def _one_product(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, ups:
     if len(set(_outs(ups))) > 1 or len(set(_ranks(ups))) > 1 or not low_rank.wanted_gemm(x):
         return None
     c = (torch.cat(ups) if len(ups) > 1 else ups[0]).t()  # [rank, G x out]: the members side by side
-    return _gemm_down(x, weight.t(), down.t(), c, scale, member_n=ups[0].shape[0])
+    fused = _gemm_down(x, weight.t(), down.t(), c, scale, member_n=ups[0].shape[0])
+    if fused is not None:
+        return fused
+    zs = torch.mm(x, down.t()).mul_(scale)  # a rank too large to compute z in the product
+    y = _gemm(x, weight.t(), zs, c, member_n=ups[0].shape[0])
+    return None if y is None else (y, zs)
 
 
 def _outs(ups: list[torch.Tensor]) -> list[int]:

@@ -47,7 +47,9 @@ class _LoRALinearFn(torch.autograd.Function):
                 # `y`; the backward got zeros and no adapter trained (pytorch issue 180642, fixed in 2.12)
                 y = torch.addmm(F.linear(x, weight, bias), zs, u.t())
             elif low_rank.wanted(x):  # the bias rides on the adapter's pass (lora_core/low_rank.py)
-                y = low_rank.add_(torch.mm(x, weight.t()), zs, u, bias)
+                y = _gemm(x, weight.t(), zs, u.t(), bias)  # a rank too large to compute z in the product
+                if y is None:
+                    y = low_rank.add_(torch.mm(x, weight.t()), zs, u, bias)
             else:
                 y = F.linear(x, weight, bias).addmm_(zs, u.t())
         ctx.save_for_backward(x, weight, d, u, zs)
@@ -67,7 +69,9 @@ class _LoRALinearFn(torch.autograd.Function):
         grad_down = _mm_as(gz.t(), x, ctx.param_dtypes[0]) if need_down else None
         grad_up = _mm_as(g.t(), zs, ctx.param_dtypes[1]) if need_up else None
         if need_x and grad_x is None:
-            grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t(), records=ctx.records)
+            grad_x = _gemm(g, weight, gz, d, records=ctx.records)
+            if grad_x is None:
+                grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t(), records=ctx.records)
         return grad_x, None, None, grad_down, grad_up, None, None, None
 
 

@@ -166,8 +166,12 @@ def linear(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: torch.Tensor, b
 
 def applies_down(a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, c: torch.Tensor,
                  member_n: int | None = None) -> bool:
-    """Whether `linear_down` takes the call (`applies`, with down [k, R] in a's dtype in place of z)."""
-    if not (low_rank.wanted_gemm(a) and a.dim() == down.dim() == 2):
+    """Whether `linear_down` takes the call (`applies`, with down [k, R] in a's dtype in place of z), for ranks
+    up to half a tile's width: each tile recomputes its member's z, which adds rank / tile width to the
+    product's work (at most half; rank 16 adds a quarter or an eighth), so larger ranks take `linear`."""
+    if not (low_rank.wanted_gemm(a) and a.dim() == down.dim() == c.dim() == 2):
+        return False
+    if 2 * c.shape[0] > block_n(member_n or b.shape[-1]):
         return False
     like_z = torch.empty(a.shape[0], down.shape[1], dtype=a.dtype, device="meta")  # what z will be
     return down.shape[0] == a.shape[1] and down.dtype == a.dtype and applies(a, b, like_z, c, member_n)

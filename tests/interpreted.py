@@ -27,20 +27,20 @@ def worst_errors(script: str) -> list[float]:
     return [float(v) for v in out.stdout.split("worst")[-1].split()]
 
 
-def lora_functions_worst_error(mode: str, width: int = 16) -> float:
+def lora_functions_worst_error(mode: str, width: int = 16, rank: int = 4) -> float:
     """For a script run by `worst_errors`: the single and grouped LoRA functions' outputs and every gradient
     with `performance.low_rank_kernel = mode` against cuBLAS's path (fp32), as the largest relative error.
-    `width`: each layer's output width (a group has three such members)."""
+    `width`: each layer's output width (a group has three such members); `rank`: the adapters'."""
     from lora_core import low_rank
     from lora_core.grouped_lora import _GroupedLoRAFn
     from lora_core.lora_fused import _LoRALinearFn
 
     x = torch.randn(30, 24, requires_grad=True)
     w, b = torch.randn(2 * width, 24), torch.randn(2 * width)
-    d, u = torch.randn(4, 24, requires_grad=True), torch.randn(2 * width, 4, requires_grad=True)
+    d, u = torch.randn(rank, 24, requires_grad=True), torch.randn(2 * width, rank, requires_grad=True)
     ws = torch.randn(3 * width, 24)
-    ps = [torch.randn(4, 24, requires_grad=True) for _ in range(3)]
-    ps += [torch.randn(width, 4, requires_grad=True) for _ in range(3)]
+    ps = [torch.randn(rank, 24, requires_grad=True) for _ in range(3)]
+    ps += [torch.randn(width, rank, requires_grad=True) for _ in range(3)]
     g, gg = torch.randn(30, 2 * width), torch.randn(30, 3 * width)
     results = []
     for m in (mode, "off"):

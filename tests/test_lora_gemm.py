@@ -51,7 +51,14 @@ for m, k, n, r, member, bias in ((37, 40, 48, 16, None, True), (50, 33, 48, 5, 1
         err("direct", got, want)
         err("direct", got_z, zd)
 from interpreted import lora_functions_worst_error
-worst["functions"] = lora_functions_worst_error("gemm")
+# rank 4: z computed in the product (16-wide tiles here); rank 12: past half a tile, z comes apart
+worst["functions"] = max(lora_functions_worst_error("gemm"), lora_functions_worst_error("gemm", rank=12))
+calls = []
+launch = lora_gemm._launch
+lora_gemm._launch = lambda *args: (calls.append(len(args) > 7), launch(*args))
+lora_functions_worst_error("gemm", rank=12)
+lora_functions_worst_error("gemm")
+assert calls == [False] * 4 + [True, True, True, False], calls  # grouped backward: z apart at any rank
 print("worst", worst["direct"], worst["functions"])
 ''')
 
@@ -176,5 +183,19 @@ def test_a_kernel_that_failed_here_is_not_tried_again(monkeypatch):
         a, b, z, c = torch.randn(8, 16), torch.randn(16, 64), torch.randn(8, 4), torch.randn(4, 64)
         assert not lora_gemm.applies(a, b, z, c)
         assert not lora_gemm.applies_down(a, b, torch.randn(16, 4), c)
+    finally:
+        low_rank.enable("off")
+
+
+def test_large_ranks_compute_z_apart(monkeypatch):
+    """Each tile recomputes its member's z: past half a tile's width that costs more than it saves, so the
+    LoRA functions compute z with cuBLAS and pass it in."""
+    monkeypatch.setattr(low_rank, "wanted", lambda t: True)
+    low_rank.enable("gemm")
+    try:
+        a, b = torch.randn(8, 16), torch.randn(16, 320)
+        assert lora_gemm.applies_down(a, b, torch.randn(16, 32), torch.randn(32, 320))  # 64-wide tiles
+        assert not lora_gemm.applies_down(a, b, torch.randn(16, 64), torch.randn(64, 320))
+        assert lora_gemm.applies(a, b, torch.randn(8, 64), torch.randn(64, 320))
     finally:
         low_rank.enable("off")
