@@ -121,7 +121,7 @@ case $which in
       "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1 ;;
   lowrank)
     for mode in gemm off; do row bench/ours.py --batch 16 --set performance.low_rank_kernel=$mode; done
-    timeout 150 python3 -m pytest -q -m gpu tests/test_lora_gemm.py >"${out%.jsonl}-tests.txt" 2>&1
+    timeout 150 python3 -m pytest -q -m gpu tests/test_lora_gemm.py tests/test_low_rank.py >"${out%.jsonl}-tests.txt" 2>&1
     timeout 120 python3 bench/lora_gemm.py >"${out%.jsonl}-products.jsonl" 2>>"${out%.jsonl}.log" ;;
   lowrank2)
     for mode in off gemm add off gemm; do row bench/ours.py --batch 16 --set performance.low_rank_kernel=$mode; done
