@@ -92,7 +92,7 @@ def _one_product(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, ups:
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(the group's output, zs) from one product with every member's adapter (lora_core/lora_gemm.py), where
     the members are alike (one width, one rank) and the kernel applies; else None."""
-    if len(set(_outs(ups))) > 1 or len(set(_ranks(ups))) > 1 or not low_rank.wanted_gemm(x):
+    if not low_rank.wanted_gemm(x) or len(set(_outs(ups))) > 1 or len(set(_ranks(ups))) > 1:
         return None
     c = (torch.cat(ups) if len(ups) > 1 else ups[0]).t()  # [rank, G x out]: the members side by side
     fused = _gemm_down(x, weight.t(), down.t(), c, scale, member_n=ups[0].shape[0])

@@ -27,21 +27,26 @@ def worst_errors(script: str) -> list[float]:
     return [float(v) for v in out.stdout.split("worst")[-1].split()]
 
 
-def lora_functions_worst_error(mode: str, width: int = 16, rank: int = 4) -> float:
-    """For a script run by `worst_errors`: the single and grouped LoRA functions' outputs and every gradient
-    with `performance.low_rank_kernel = mode` against cuBLAS's path (fp32), as the largest relative error.
-    `width`: each layer's output width (a group has three such members); `rank`: the adapters'."""
+def lora_functions_worst_error(mode: str, width: int = 16, rank: int = 4, rows: int = 30, inputs: int = 24,
+                               device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """The single and grouped LoRA functions' outputs and every gradient with `performance.low_rank_kernel =
+    mode` against cuBLAS's path, as the largest relative error (in a script run by `worst_errors`, or on a
+    GPU). `width`: a layer's output width (the single layer's is twice it, a group has three such members);
+    `rank`: the adapters'; activations and frozen weights in `dtype`, the adapters' weights in fp32."""
     from lora_core import low_rank
     from lora_core.grouped_lora import _GroupedLoRAFn
     from lora_core.lora_fused import _LoRALinearFn
 
-    x = torch.randn(30, 24, requires_grad=True)
-    w, b = torch.randn(2 * width, 24), torch.randn(2 * width)
-    d, u = torch.randn(rank, 24, requires_grad=True), torch.randn(2 * width, rank, requires_grad=True)
-    ws = torch.randn(3 * width, 24)
-    ps = [torch.randn(rank, 24, requires_grad=True) for _ in range(3)]
-    ps += [torch.randn(width, rank, requires_grad=True) for _ in range(3)]
-    g, gg = torch.randn(30, 2 * width), torch.randn(30, 3 * width)
+    def randn(*shape: int, grad: bool = False, half: bool = True) -> torch.Tensor:
+        t = torch.randn(*shape, device=device, dtype=dtype if half else torch.float32)
+        return t.requires_grad_(grad)
+
+    x = randn(rows, inputs, grad=True)
+    w, b, ws = randn(2 * width, inputs) / inputs**0.5, randn(2 * width), randn(3 * width, inputs) / inputs**0.5
+    d, u = randn(rank, inputs, grad=True, half=False), randn(2 * width, rank, grad=True, half=False)
+    ps = [randn(rank, inputs, grad=True, half=False) for _ in range(3)]
+    ps += [randn(width, rank, grad=True, half=False) for _ in range(3)]
+    g, gg = randn(rows, 2 * width), randn(rows, 3 * width)
     results = []
     for m in (mode, "off"):
         low_rank.enable(m)

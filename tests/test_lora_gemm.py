@@ -11,10 +11,9 @@ import threading
 
 import pytest
 import torch
-from interpreted import cpu_only, worst_errors
+from interpreted import cpu_only, lora_functions_worst_error, worst_errors
 
 from lora_core import kernel_builds, lora_gemm, low_rank
-from lora_core.grouped_lora import _GroupedLoRAFn
 from lora_core.lora_fused import _LoRALinearFn
 
 INTERPRETED = textwrap.dedent('''
@@ -154,25 +153,10 @@ def test_lora_functions_agree_with_and_without_the_kernels_on_the_gpu(kernel):
     """Outputs and every gradient of the single and grouped LoRA functions with each kernel
     (`low_rank_kernel` = gemm: this module's; add: lora_core/low_rank.py's) against cuBLAS's path."""
     torch.manual_seed(0)
-    dev, dt = "cuda", torch.bfloat16
-    x = torch.randn(8192, 320, device=dev, dtype=dt, requires_grad=True)
-    w, b = torch.randn(320, 320, device=dev, dtype=dt) / 18, torch.randn(320, device=dev, dtype=dt)
-    d = torch.randn(16, 320, device=dev, requires_grad=True)
-    u = torch.randn(320, 16, device=dev, requires_grad=True)
-    ws = torch.randn(960, 320, device=dev, dtype=dt) / 18
-    ps = [torch.randn(16, 320, device=dev, requires_grad=True) for _ in range(3)]
-    ps += [torch.randn(320, 16, device=dev, requires_grad=True) for _ in range(3)]
-    g, gg = torch.randn(8192, 320, device=dev, dtype=dt), torch.randn(8192, 960, device=dev, dtype=dt)
-    results = []
-    for mode in (kernel, "off"):
-        low_rank.enable(mode)
-        y = _LoRALinearFn.apply(x, w, b, d, u, 0.5, None, None)
-        yg = _GroupedLoRAFn.apply(x, ws, 0.5, [p.detach() for p in ps], *ps)
-        results.append([y, *torch.autograd.grad(y, [x, d, u], g), yg, *torch.autograd.grad(yg, [x, *ps], gg)])
-    low_rank.enable("off")
+    worst = lora_functions_worst_error(kernel, width=320, rank=16, rows=8192, inputs=320, device="cuda",
+                                       dtype=torch.bfloat16)
     assert (lora_gemm if kernel == "gemm" else low_rank)._state["worked"]
-    for a, r in zip(*results, strict=True):
-        assert _rel(a, r) < 2e-2
+    assert worst < 2e-2
 
 
 def test_a_kernel_that_failed_here_is_not_tried_again(monkeypatch):
