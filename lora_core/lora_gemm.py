@@ -44,26 +44,39 @@ def block_n(member_n: int) -> int:
     return 128 if member_n % 128 == 0 else 64
 
 
-def applies(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: torch.Tensor, member_n: int | None = None) -> bool:
-    """Whether `linear` takes the call: the kernel switched on and working (`low_rank.wanted`, mode gemm),
-    tensors of one dtype with the shapes above, z with unit column steps, R at most MAX_RANK, and the
-    members (if several) a whole number of tiles wide."""
-    if not (low_rank.wanted_gemm(a) and not _state["failed"] and a.dim() == b.dim() == z.dim() == c.dim() == 2):
+def _fits(a: torch.Tensor, b: torch.Tensor, z_width: int, c: torch.Tensor, member_n: int | None) -> bool:
+    """The switch on and the kernel working, 2-D operands of one dtype with the shapes above (z `z_width`
+    wide), R at most MAX_RANK, and the members (if several) a whole number of tiles wide."""
+    if not (low_rank.wanted_gemm(a) and not _state["failed"] and a.dim() == b.dim() == c.dim() == 2):
         return False
-    m, k = a.shape
-    n, r = b.shape[1], c.shape[0]
+    k, n, r = a.shape[1], b.shape[1], c.shape[0]
     member_n = member_n or n
     return (
-        a.dtype == b.dtype == z.dtype == c.dtype
+        a.dtype == b.dtype == c.dtype
         and tuple(b.shape) == (k, n)
-        and tuple(z.shape[:1]) == (m,)
         and tuple(c.shape) == (r, n)
-        and z.stride(1) == 1
         and r <= MAX_RANK
         and n % member_n == 0
-        and z.shape[1] == r * (n // member_n)
+        and z_width == r * (n // member_n)
         and (member_n == n or member_n % block_n(member_n) == 0)
     )
+
+
+def applies(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: torch.Tensor, member_n: int | None = None) -> bool:
+    """Whether `linear` takes the call (`_fits`, with the kernel switched on by `low_rank.wanted`, mode gemm):
+    z [m, R] in a's dtype with unit column steps."""
+    return (z.dim() == 2 and z.shape[0] == a.shape[0] and z.dtype == a.dtype and z.stride(1) == 1
+            and _fits(a, b, z.shape[1], c, member_n))
+
+
+def applies_down(a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, c: torch.Tensor,
+                 member_n: int | None = None) -> bool:
+    """Whether `linear_down` takes the call (`_fits`, with down [k, R] in a's dtype in place of z), for ranks
+    up to half a tile's width: each tile recomputes its member's z, which adds rank / tile width to the
+    product's work (at most half; rank 16 adds a quarter or an eighth), so larger ranks take `linear`."""
+    if not (down.dim() == 2 and c.dim() == 2 and 2 * c.shape[0] <= block_n(member_n or b.shape[-1])):
+        return False
+    return down.shape[0] == a.shape[-1] and down.dtype == a.dtype and _fits(a, b, down.shape[1], c, member_n)
 
 
 if triton is not None:
@@ -162,19 +175,6 @@ def linear(a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, c: torch.Tensor, b
         out = a.new_empty(a.shape[0], b.shape[1])
         _launch(out, a, b, z, c, bias, member_n or b.shape[1])
     return out
-
-
-def applies_down(a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, c: torch.Tensor,
-                 member_n: int | None = None) -> bool:
-    """Whether `linear_down` takes the call (`applies`, with down [k, R] in a's dtype in place of z), for ranks
-    up to half a tile's width: each tile recomputes its member's z, which adds rank / tile width to the
-    product's work (at most half; rank 16 adds a quarter or an eighth), so larger ranks take `linear`."""
-    if not (low_rank.wanted_gemm(a) and a.dim() == down.dim() == c.dim() == 2):
-        return False
-    if 2 * c.shape[0] > block_n(member_n or b.shape[-1]):
-        return False
-    like_z = torch.empty(a.shape[0], down.shape[1], dtype=a.dtype, device="meta")  # what z will be
-    return down.shape[0] == a.shape[1] and down.dtype == a.dtype and applies(a, b, like_z, c, member_n)
 
 
 def linear_down(a: torch.Tensor, b: torch.Tensor, down: torch.Tensor, c: torch.Tensor, scale: float,
