@@ -55,13 +55,15 @@
 #   bench/experiment.sh lowrank OUT.jsonl  performance.low_rank_kernel (the add kernel, the LoRA product kernel)
 #                                          against cuBLAS: their GPU tests, the products alone (bench/lora_gemm.py),
 #                                          SD1.5 batch 16 with each mode; lowrank2: more rows, and the profile
+#   bench/experiment.sh gemmdefault OUT.jsonl  the default low_rank_kernel=gemm: a first job on an empty kernel
+#                                          cache, batch 16 and 1 against off, SDXL batch 4, the GPU tests
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2 or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 need_prev() {  # the tree to compare against, unpacked in .prev
@@ -128,6 +130,13 @@ case $which in
     timeout 200 python3 bench/profile_step.py --batch 16 --ops --shapes --set performance.cuda_graphs=off \
       --set performance.channels_last=on --set performance.low_rank_kernel=gemm \
       --out "${out%.jsonl}-profile-b16.txt" >>"${out%.jsonl}.log" 2>&1 ;;
+  gemmdefault)  # low_rank_kernel=gemm (the default) against off: a first job, both step sizes, SDXL, the GPU tests
+    TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py
+    for mode in gemm off gemm off; do row bench/ours.py --batch 16 --set performance.low_rank_kernel=$mode; done
+    for mode in gemm off; do row bench/ours.py --batch 1 --set performance.low_rank_kernel=$mode; done
+    row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
+    timeout 200 python3 -m pytest -q -m gpu tests/test_lora_gemm.py tests/test_low_rank.py \
+      "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1 ;;
   residual)
     need_prev
     for _ in 1 2; do row bench/ours.py --batch 16; old --batch 16; done

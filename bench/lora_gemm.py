@@ -4,7 +4,7 @@ precedes it: cuBLAS's products, the last a rank-16 product onto the output (addm
 last (`add`); cuBLAS's down product and lora_core/lora_gemm.py's single product (`gemm_z_apart`); and
 lora_core/lora_gemm.py's single product computing z as well (`gemm`, what the LoRA functions run where it
 applies; not for a group's backward, whose z comes apart), with a few tile configurations. Prints one JSON
-line per shape: microseconds per call (CUDA events, median of 20 timings of 10 calls each).
+line per shape: microseconds per call (CUDA events around a CUDA graph of 10 calls, median of 20 replays).
 
     python3 bench/lora_gemm.py [--configs]
 """
@@ -31,19 +31,24 @@ SHAPES = [
     ("fwd to_out 16x16", 4096, 1280, 1280, 16, 1),
     ("bwd qkv 16x16", 4096, 3840, 1280, 48, 1),
 ]
-CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
+CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (256, 64, 8, 3), (64, 64, 4, 5)]
 
 
 def timed(fn) -> float:
-    """Median microseconds per call."""
+    """Median microseconds per call, replayed from a CUDA graph of 10 calls (as the training step runs them:
+    no launch overhead in the figure)."""
     for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(10):
+            fn()
     times = []
     for _ in range(20):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(10):
-            fn()
+        graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 100)  # ms for 10 calls -> us per call

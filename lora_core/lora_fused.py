@@ -41,17 +41,9 @@ class _LoRALinearFn(torch.autograd.Function):
             y, zs = fused
         else:
             zs = _down(x, d, scale)
-            if torch.compiler.is_compiling():
-                # out of place: torch 2.11's Dynamo returns each intermediate of an autograd.Function's
-                # forward as an extra output, and the alias of `y` made by addmm_ took the gradient meant for
-                # `y`; the backward got zeros and no adapter trained (pytorch issue 180642, fixed in 2.12)
-                y = torch.addmm(F.linear(x, weight, bias), zs, u.t())
-            elif low_rank.wanted(x):  # the bias rides on the adapter's pass (lora_core/low_rank.py)
-                y = _gemm(x, weight.t(), zs, u.t(), bias)  # a rank too large to compute z in the product
-                if y is None:
-                    y = low_rank.add_(torch.mm(x, weight.t()), zs, u, bias)
-            else:
-                y = F.linear(x, weight, bias).addmm_(zs, u.t())
+            y = _gemm(x, weight.t(), zs, u.t(), bias)  # a rank too large to compute z in the product
+            if y is None:
+                y = _base_and_adapter(x, weight, bias, zs, u)
         ctx.save_for_backward(x, weight, d, u, zs)
         ctx.scale, ctx.param_dtypes = scale, (down.dtype, up.dtype)
         ctx.records = low_rank.records()  # a dry run's: the backward's kernel launches are noted there too
@@ -73,6 +65,19 @@ class _LoRALinearFn(torch.autograd.Function):
             if grad_x is None:
                 grad_x = low_rank.add_(torch.mm(g, weight), gz, d.t(), records=ctx.records)
         return grad_x, None, None, grad_down, grad_up, None, None, None
+
+
+def _base_and_adapter(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, zs: torch.Tensor,
+                      u: torch.Tensor) -> torch.Tensor:
+    """x W^T + b + zs U^T through cuBLAS (and lora_core/low_rank.py's add kernel in mode add)."""
+    if torch.compiler.is_compiling():
+        # out of place: torch 2.11's Dynamo returns each intermediate of an autograd.Function's forward as
+        # an extra output, and the alias of `y` made by addmm_ took the gradient meant for `y`; the backward
+        # got zeros and no adapter trained (pytorch issue 180642, fixed in 2.12)
+        return torch.addmm(F.linear(x, weight, bias), zs, u.t())
+    if low_rank.wanted_add(x):  # the bias rides on the adapter's pass
+        return low_rank.add_(torch.mm(x, weight.t()), zs, u, bias)
+    return F.linear(x, weight, bias).addmm_(zs, u.t())
 
 
 def _down(x: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tensor:

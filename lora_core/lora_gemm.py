@@ -34,6 +34,11 @@ except ImportError:  # CPU installs: cuBLAS's products run
 BLOCK_M, BLOCK_K, WARPS, STAGES = 128, 64, 4, 3
 GROUP_M = 8  # row tiles swept together, so that b's tiles stay in L2
 MAX_RANK = 128
+# The longest inner product (k) it takes. Up to 640 the base product is memory-bound and writing the output
+# once pays (H100, bench/lora_gemm.py: 63 us against cuBLAS's 100 at 65,536 x 320 x 320); past it cuBLAS's
+# main loop is faster than this kernel's and the saving is lost (45 against 34 us at 4,096 x 1,280 x 1,280,
+# 136 against 75 at a group's backward, 4,096 x 3,840 x 1,280)
+MAX_K = 640
 
 _state = {"failed": False, "worked": False}
 
@@ -46,13 +51,14 @@ def block_n(member_n: int) -> int:
 
 def _fits(a: torch.Tensor, b: torch.Tensor, z_width: int, c: torch.Tensor, member_n: int | None) -> bool:
     """The switch on and the kernel working, 2-D operands of one dtype with the shapes above (z `z_width`
-    wide), R at most MAX_RANK, and the members (if several) a whole number of tiles wide."""
+    wide), k at most MAX_K, R at most MAX_RANK, and the members (if several) a whole number of tiles wide."""
     if not (low_rank.wanted_gemm(a) and not _state["failed"] and a.dim() == b.dim() == c.dim() == 2):
         return False
     k, n, r = a.shape[1], b.shape[1], c.shape[0]
     member_n = member_n or n
     return (
         a.dtype == b.dtype == c.dtype
+        and k <= MAX_K
         and tuple(b.shape) == (k, n)
         and tuple(c.shape) == (r, n)
         and r <= MAX_RANK

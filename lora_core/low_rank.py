@@ -32,28 +32,34 @@ log = logging.getLogger(__name__)
 BLOCK_M, BLOCK_N, WARPS = 128, 64, 4
 MAX_RANK = 128  # the thin factors' width at most (a grouped layer's ranks together)
 
-# the switch, and whether it asks for lora_core/lora_gemm.py's product; the kernel failed here / ran
-_state = {"enabled": False, "gemm": False, "failed": False, "worked": False}
+# the switch ("off", "add" or "gemm"); this module's kernel failed here / ran
+_state = {"mode": "off", "failed": False, "worked": False}
 
 
 def enable(mode: bool | str) -> None:
     """Set `performance.low_rank_kernel` for the hand-written LoRA functions: "off" (or False), "add" (or
     True: this module's kernel adds the adapter's product onto cuBLAS's base product) or "gemm" (the base
-    and adapter products in one kernel, lora_core/lora_gemm.py, where it applies; this one elsewhere)."""
-    mode = {True: "add", False: "off"}.get(mode, mode)
-    _state["enabled"], _state["gemm"] = mode != "off", mode == "gemm"
+    and adapter products in one kernel, lora_core/lora_gemm.py, where it applies; cuBLAS's elsewhere)."""
+    _state["mode"] = {True: "add", False: "off"}.get(mode, mode)
 
 
 def wanted_gemm(t: torch.Tensor) -> bool:
     """Whether lora_core/lora_gemm.py's product is to run for tensors like `t` (`wanted`, mode gemm)."""
-    return _state["gemm"] and wanted(t)
+    return _state["mode"] == "gemm" and wanted(t)
+
+
+def wanted_add(t: torch.Tensor) -> bool:
+    """Whether this module's kernel is to run for tensors like `t` (`wanted`, mode add). Not in mode gemm:
+    at the shapes lora_gemm leaves to cuBLAS (long inner products) it measured no faster than cuBLAS's own
+    rank-16 product onto the output (bench/lora_gemm.py)."""
+    return _state["mode"] == "add" and wanted(t)
 
 
 def wanted(t: torch.Tensor) -> bool:
     """Whether the kernel is to run for tensors like `t`: switched on, Triton working, a half-precision CUDA
     tensor on a GPU Triton supports, outside torch.compile."""
     return (
-        _state["enabled"]
+        _state["mode"] != "off"
         and triton is not None
         and not _state["failed"]
         and t.is_cuda
@@ -64,10 +70,10 @@ def wanted(t: torch.Tensor) -> bool:
 
 
 def applies(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> bool:
-    """Whether `add_` takes this call (`wanted`): tensors of one dtype, y [m, n] and z [m, r] with unit
+    """Whether `add_` takes this call (`wanted_add`): tensors of one dtype, y [m, n] and z [m, r] with unit
     column steps, u [n, r] in any layout, r at most MAX_RANK."""
     return (
-        wanted(y)
+        wanted_add(y)
         and y.dim() == z.dim() == u.dim() == 2
         and z.dtype == u.dtype == y.dtype
         and z.shape[0] == y.shape[0]

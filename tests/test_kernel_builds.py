@@ -156,7 +156,7 @@ def test_lora_product_kernels_build_at_the_unets_shapes(launches, monkeypatch, m
     from lora_core.grouped_lora import _GroupedLoRAFn
     from lora_core.lora_fused import _LoRALinearFn
 
-    monkeypatch.setattr(low_rank, "wanted", lambda t: low_rank._state["enabled"])  # meta tensors
+    monkeypatch.setattr(low_rank, "wanted", lambda t: low_rank._state["mode"] != "off")  # meta tensors
     monkeypatch.setitem(lora_gemm._state, "worked", False)
     monkeypatch.setitem(low_rank._state, "worked", False)
     low_rank.enable(mode)

@@ -18,8 +18,8 @@ INTERPRETED = textwrap.dedent("""
     from lora_core import low_rank
     low_rank.BLOCK_M, low_rank.BLOCK_N = 16, 16  # several programs each way
     low_rank.enable(True)
-    low_rank.wanted = lambda t: low_rank._state["enabled"]  # CPU tensors, which the interpreter runs
-    low_rank.applies = lambda *args: low_rank._state["enabled"]
+    low_rank.wanted = lambda t: low_rank._state["mode"] != "off"  # CPU tensors, which the interpreter runs
+    low_rank.applies = lambda *args: low_rank._state["mode"] == "add"
     torch.manual_seed(0)
     worst = {}
 
@@ -68,7 +68,7 @@ def test_cpu_tensors_take_addmm_with_the_same_sum():
 def test_the_switch_turns_the_kernel_on(on, fast_tiny_unet):
     try:
         fast_tiny_unet(f"performance.low_rank_kernel={on}")
-        assert low_rank._state["enabled"] == (on != "off") and low_rank._state["gemm"] == (on == "gemm")
+        assert low_rank._state["mode"] == on
     finally:
         low_rank.enable(False)
 
