@@ -56,7 +56,8 @@
 #                                          against cuBLAS: their GPU tests, the products alone (bench/lora_gemm.py),
 #                                          SD1.5 batch 16 with each mode; lowrank2: more rows, and the profile
 #   bench/experiment.sh gemmdefault OUT.jsonl  the default low_rank_kernel=gemm: a first job on an empty kernel
-#                                          cache, batch 16 and 1 against off, SDXL batch 4, the GPU tests
+#                                          cache, batch 16 against off, the GPU tests, the products (host time
+#                                          too), batch 1 and batch 16 without CUDA graphs against off
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
@@ -133,10 +134,11 @@ case $which in
   gemmdefault)  # low_rank_kernel=gemm (the default) against off: a first job, both step sizes, SDXL, the GPU tests
     TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py
     for mode in gemm off gemm off; do row bench/ours.py --batch 16 --set performance.low_rank_kernel=$mode; done
-    for mode in gemm off; do row bench/ours.py --batch 1 --set performance.low_rank_kernel=$mode; done
-    row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
     timeout 200 python3 -m pytest -q -m gpu tests/test_lora_gemm.py tests/test_low_rank.py \
-      "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1 ;;
+      "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1
+    timeout 100 python3 bench/lora_gemm.py >"${out%.jsonl}-products.jsonl" 2>>"${out%.jsonl}.log"
+    for mode in gemm off; do row bench/ours.py --batch 1 --set performance.low_rank_kernel=$mode; done
+    for mode in gemm off; do row bench/ours.py --batch 16 --set performance.cuda_graphs=off --set performance.low_rank_kernel=$mode; done ;;
   residual)
     need_prev
     for _ in 1 2; do row bench/ours.py --batch 16; old --batch 16; done

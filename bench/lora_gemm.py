@@ -4,7 +4,8 @@ precedes it: cuBLAS's products, the last a rank-16 product onto the output (addm
 last (`add`); cuBLAS's down product and lora_core/lora_gemm.py's single product (`gemm_z_apart`); and
 lora_core/lora_gemm.py's single product computing z as well (`gemm`, what the LoRA functions run where it
 applies; not for a group's backward, whose z comes apart), with a few tile configurations. Prints one JSON
-line per shape: microseconds per call (CUDA events around a CUDA graph of 10 calls, median of 20 replays).
+line per shape: microseconds per call (CUDA events around a CUDA graph of 10 calls, median of 20 replays), and
+for cuBLAS's and the kernel's way the host's microseconds per call to enqueue them without a graph (`_host_us`).
 
     python3 bench/lora_gemm.py [--configs]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
@@ -55,6 +57,19 @@ def timed(fn) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def enqueued(fn) -> float:
+    """Microseconds of host time per call to enqueue 50 calls (what a step run without CUDA graphs pays on
+    the CPU; the GPU still busy with them at the end)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(50):
+        fn()
+    took = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return took / 50 * 1e6
+
+
 def operands(m: int, k: int, n: int, r: int, members: int, fwd: bool):
     dev, dt = "cuda", torch.bfloat16
     a = torch.randn(m, k, device=dev, dtype=dt)
@@ -81,6 +96,7 @@ def measure(what: str, m: int, k: int, n: int, r: int, members: int, configs: li
     row["off_us"] = timed(lambda: cublas(lambda y, zz, u: y.addmm_(zz, u.t())))
     row["add_us"] = timed(lambda: cublas(low_rank.add_))
     row["mm_only_us"] = timed(lambda: torch.mm(a, b))
+    row["off_host_us"] = enqueued(lambda: cublas(lambda y, zz, u: y.addmm_(zz, u.t())))
     grouped_backward = what.startswith("bwd qkv")
     assert lora_gemm.applies(a, b, z, c, member_n), what
     assert grouped_backward or lora_gemm.applies_down(a, b, down, c, member_n), what
@@ -98,6 +114,7 @@ def measure(what: str, m: int, k: int, n: int, r: int, members: int, configs: li
             row[f"gemm{cfg}_err"] = round(max(((got.float() - ref).abs().max() / ref.abs().max()).item(),
                                               ((got_z.float() - z.float()).abs().max() / z.float().abs().max()).item()), 5)
             row[f"gemm{cfg}_us"] = timed(lambda: lora_gemm.linear_down(a, b, down, c, 0.5, None, member_n))
+            row[f"gemm{cfg}_host_us"] = enqueued(lambda: lora_gemm.linear_down(a, b, down, c, 0.5, None, member_n))
     return row
 
 
@@ -106,6 +123,7 @@ def main() -> None:
     ap.add_argument("--configs", action="store_true", help="time every tile configuration, not only the default")
     args = ap.parse_args()
     low_rank.enable("gemm")
+    lora_gemm.MAX_K = max(shape[2] for shape in SHAPES)  # those the LoRA functions leave to cuBLAS too
     default = (lora_gemm.BLOCK_M, lora_gemm.BLOCK_K, lora_gemm.WARPS, lora_gemm.STAGES)
     for shape in SHAPES:
         print(json.dumps(measure(*shape, CONFIGS if args.configs else [default])), flush=True)
