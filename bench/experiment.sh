@@ -131,12 +131,12 @@ case $which in
     timeout 200 python3 bench/profile_step.py --batch 16 --ops --shapes --set performance.cuda_graphs=off \
       --set performance.channels_last=on --set performance.low_rank_kernel=gemm \
       --out "${out%.jsonl}-profile-b16.txt" >>"${out%.jsonl}.log" 2>&1 ;;
-  gemmdefault)  # low_rank_kernel=gemm (the default) against off: batch 16, the GPU tests, a first job (on an
-                # empty kernel cache of its own), the products, batch 1, batch 16 without CUDA graphs
+  gemmdefault)  # low_rank_kernel=gemm (the default) against off: batch 16, a first job (on an empty kernel
+                # cache of its own), the GPU tests, the products, batch 1, batch 16 without CUDA graphs
     for mode in gemm off gemm off; do row bench/ours.py --batch 16 --set performance.low_rank_kernel=$mode; done
+    TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py
     timeout 200 python3 -m pytest -q -m gpu tests/test_lora_gemm.py tests/test_low_rank.py \
       "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1
-    TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py
     timeout 100 python3 bench/lora_gemm.py >"${out%.jsonl}-products.jsonl" 2>>"${out%.jsonl}.log"
     for mode in gemm off; do row bench/ours.py --batch 1 --set performance.low_rank_kernel=$mode; done
     for mode in gemm off; do row bench/ours.py --batch 16 --set performance.cuda_graphs=off --set performance.low_rank_kernel=$mode; done ;;
