@@ -55,9 +55,9 @@
 #   bench/experiment.sh lowrank OUT.jsonl  performance.low_rank_kernel (the add kernel, the LoRA product kernel)
 #                                          against cuBLAS: their GPU tests, the products alone (bench/lora_gemm.py),
 #                                          SD1.5 batch 16 with each mode; lowrank2: more rows, and the profile
-#   bench/experiment.sh gemmdefault OUT.jsonl  the default low_rank_kernel=gemm: a first job on an empty kernel
-#                                          cache, batch 16 against off, the GPU tests, the products (host time
-#                                          too), batch 1 and batch 16 without CUDA graphs against off
+#   bench/experiment.sh gemmdefault OUT.jsonl  low_rank_kernel=gemm against off, to decide the default: batch 16,
+#                                          a first job on an empty kernel cache, the GPU tests, the products
+#                                          (host time too), batch 1 and batch 16 without CUDA graphs
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
@@ -131,10 +131,10 @@ case $which in
     timeout 200 python3 bench/profile_step.py --batch 16 --ops --shapes --set performance.cuda_graphs=off \
       --set performance.channels_last=on --set performance.low_rank_kernel=gemm \
       --out "${out%.jsonl}-profile-b16.txt" >>"${out%.jsonl}.log" 2>&1 ;;
-  gemmdefault)  # low_rank_kernel=gemm (the default) against off: batch 16, a first job (on an empty kernel
-                # cache of its own), the GPU tests, the products, batch 1, batch 16 without CUDA graphs
+  gemmdefault)  # low_rank_kernel=gemm against off, to decide the default: batch 16, a first job with gemm (on
+                # an empty kernel cache of its own), the GPU tests, the products, batch 1, batch 16 ungraphed
     for mode in gemm off gemm off; do row bench/ours.py --batch 16 --set performance.low_rank_kernel=$mode; done
-    TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py
+    TRITON_CACHE_DIR=$(mktemp -d) row bench/job.py --set performance.low_rank_kernel=gemm
     timeout 200 python3 -m pytest -q -m gpu tests/test_lora_gemm.py tests/test_low_rank.py \
       "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1
     timeout 100 python3 bench/lora_gemm.py >"${out%.jsonl}-products.jsonl" 2>>"${out%.jsonl}.log"
@@ -226,5 +226,5 @@ case $which in
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last --no-copy
     done ;;
-  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned or preview)" >&2; exit 2 ;;
+  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault or preview)" >&2; exit 2 ;;
 esac

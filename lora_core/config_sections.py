@@ -248,12 +248,13 @@ class PerformanceConfig:
     fused_lora: bool = _f(True, "Train each adapted linear layer through one hand-written forward and "
                           "backward (fewer, cheaper GPU kernels; the same maths). Off = the plain "
                           "three-layer path.")
-    low_rank_kernel: str = _f("gemm", "With fused_lora on a GPU, how each adapter's low-rank product reaches the "
-                              "layer's output (and its share the input's gradient): `gemm` = one Triton matrix "
-                              "product for the base layer and the adapter together, so the output is written "
-                              "once (for layers 320 or 640 wide, where that is faster; cuBLAS for wider ones); "
-                              "`add` = cuBLAS's base product, then one Triton kernel that adds the adapter's "
-                              "product and the bias; `off` = cuBLAS's rank-16 product onto the output.",
+    low_rank_kernel: str = _f("off", "With fused_lora on a GPU, how each adapter's low-rank product reaches the "
+                              "layer's output (and its share the input's gradient): `off` = cuBLAS's rank-16 "
+                              "product onto the output; `gemm` = one Triton matrix product for the base layer "
+                              "and the adapter together, so the output is written once (for layers 320 or 640 "
+                              "wide, where that is faster; cuBLAS for wider ones); `add` = cuBLAS's base "
+                              "product, then one Triton kernel that adds the adapter's product and the bias. "
+                              "Off until the whole step with `gemm` is measured.",
                               choices=["off", "add", "gemm"])
     fused_projections: bool = _f(True, "Compute the q, k and v projections of each UNet self-attention (k and v "
                                  "of cross-attention) as one matrix product, adapters included: fewer, larger "
