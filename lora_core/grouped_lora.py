@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import low_rank
-from .lora_fused import _gemm, _gemm_down, _mm_as, compute_dtype
+from .lora_fused import _down, _gemm, _gemm_down, _mm_as, compute_dtype
 
 
 def grouped_kernel_applies(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> bool:
@@ -48,14 +48,17 @@ class _GroupedLoRAFn(torch.autograd.Function):
         g = len(params) // 2
         downs, ups = [w.to(x.dtype) for w in computes[:g]], [w.to(x.dtype) for w in computes[g:]]
         down = torch.cat(downs) if g > 1 else downs[0]
-        fused = _one_product(x, weight, down, ups, scale)
-        if fused is not None:
+        c, width = _side_by_side(x, ups), ups[0].shape[0]
+        fused = None if c is None else _gemm_down(x, weight.t(), down.t(), c, scale, member_n=width)
+        if fused is not None:  # the group's output and zs from one kernel
             y, zs = fused
         else:
-            zs = torch.mm(x, down.t()).mul_(scale)  # [N, G x rank]: small, so the scale costs nothing here
-            y = F.linear(x, weight)
-            for y_i, z_i, u in zip(y.split(_outs(ups), 1), zs.split(_ranks(ups), 1), ups, strict=True):
-                low_rank.add_(y_i, z_i, u)  # into the member's columns, in place
+            zs = _down(x, down, scale)  # [N, G x rank]
+            y = None if c is None else _gemm(x, weight.t(), zs, c, member_n=width)  # a rank too large for z
+            if y is None:
+                y = F.linear(x, weight)
+                for y_i, z_i, u in zip(y.split(_outs(ups), 1), zs.split(_ranks(ups), 1), ups, strict=True):
+                    low_rank.add_(y_i, z_i, u)  # into the member's columns, in place
         ctx.save_for_backward(x, weight, down, zs, *ups)
         ctx.scale, ctx.dtypes = scale, [p.dtype for p in params]
         ctx.records = low_rank.records()  # a dry run's: the backward's kernel launches are noted there too
@@ -88,19 +91,13 @@ class _GroupedLoRAFn(torch.autograd.Function):
 _PARAMS = 4  # where `params` start among the function's inputs (x, weight, scale, computes)
 
 
-def _one_product(x: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, ups: list[torch.Tensor], scale: float
-                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(the group's output, zs) from one product with every member's adapter (lora_core/lora_gemm.py), where
-    the members are alike (one width, one rank) and the kernel applies; else None."""
+def _side_by_side(x: torch.Tensor, ups: list[torch.Tensor]) -> torch.Tensor | None:
+    """The members' up weights side by side, [rank, G x out], for one product with every member's adapter
+    (lora_core/lora_gemm.py): where that kernel is wanted and the members are alike (one width, one rank);
+    else None."""
     if not low_rank.wanted_gemm(x) or len(set(_outs(ups))) > 1 or len(set(_ranks(ups))) > 1:
         return None
-    c = (torch.cat(ups) if len(ups) > 1 else ups[0]).t()  # [rank, G x out]: the members side by side
-    fused = _gemm_down(x, weight.t(), down.t(), c, scale, member_n=ups[0].shape[0])
-    if fused is not None:
-        return fused
-    zs = torch.mm(x, down.t()).mul_(scale)  # a rank too large to compute z in the product
-    y = _gemm(x, weight.t(), zs, c, member_n=ups[0].shape[0])
-    return None if y is None else (y, zs)
+    return (torch.cat(ups) if len(ups) > 1 else ups[0]).t()
 
 
 def _outs(ups: list[torch.Tensor]) -> list[int]:
