@@ -248,14 +248,15 @@ class PerformanceConfig:
     fused_lora: bool = _f(True, "Train each adapted linear layer through one hand-written forward and "
                           "backward (fewer, cheaper GPU kernels; the same maths). Off = the plain "
                           "three-layer path.")
-    low_rank_kernel: str = _f("off", "With fused_lora on a GPU, how each adapter's low-rank product reaches the "
-                              "layer's output (and its share the input's gradient): `off` = cuBLAS's rank-16 "
-                              "product onto the output; `gemm` = one Triton matrix product for the base layer "
-                              "and the adapter together, so the output is written once (for layers 320 or 640 "
-                              "wide, where that is faster; cuBLAS for wider ones); `add` = cuBLAS's base "
-                              "product, then one Triton kernel that adds the adapter's product and the bias. "
-                              "Off until the whole step with `gemm` is measured.",
-                              choices=["off", "add", "gemm"])
+    low_rank_kernel: str = _f("auto", "With fused_lora on a GPU, how each adapter's low-rank product reaches the "
+                              "layer's output (and its share the input's gradient): `gemm` = one Triton matrix "
+                              "product for the base layer and the adapter together, so the output is written once "
+                              "(for layers 320 or 640 wide, where that is faster; cuBLAS for wider ones); `off` = "
+                              "cuBLAS's rank-16 product onto the output; `add` = cuBLAS's base product, then one "
+                              "Triton kernel that adds the adapter's product and the bias. `auto` = `gemm` where the "
+                              "step replays from CUDA graphs, else `off` (launched one by one from Python, the "
+                              "Triton kernel costs the host more time than it saves the GPU).",
+                              choices=["auto", "off", "add", "gemm"])
     fused_projections: bool = _f(True, "Compute the q, k and v projections of each UNet self-attention (k and v "
                                  "of cross-attention) as one matrix product, adapters included: fewer, larger "
                                  "GPU kernels, no extra memory, the plain adapter path's maths (not used with "

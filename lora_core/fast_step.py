@@ -232,7 +232,7 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
     if perf.lean_resnets:
         log.info("ResNet blocks run without layout copies, divides by 1 or separate bias passes: %d blocks",
                  use_lean_resnets(model.unet))
-    low_rank.enable(perf.low_rank_kernel)
+    low_rank.enable(low_rank_mode(perf.low_rank_kernel, device, graphs))
     if perf.lean_transformers:
         log.info("transformer blocks join their residual sums to the LayerNorms after them (one kernel each way "
                  "where the LayerNorm kernels run): %d blocks", use_lean_transformers(model.unet))
@@ -251,6 +251,19 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
         return model.unet
     log.info("compiling the UNet; the first steps are slow")
     return torch.compile(model.unet, dynamic=False)
+
+
+def low_rank_mode(mode: str, device: torch.device, graphs: bool) -> str:
+    """`performance.low_rank_kernel`, with `auto` resolved: `gemm` for a graphed step on a GPU (H100: 89.9
+    against 91.3-91.6 ms at SD1.5 batch 16, 14.2 against 14.7 ms at batch 1), else `off` (launched from
+    Python step by step the Triton kernel loses: 237.7 against 201.1 ms at batch 1 with gradient
+    checkpointing, 153.8 against 144.5 ms at batch 16 without graphs; bench/data/gemm*-h100.jsonl)."""
+    if mode != "auto":
+        return mode
+    mode = "gemm" if graphs and device.type == "cuda" else "off"
+    log.info("adapter products: %s", "base and adapter in one kernel (graphed step)" if mode == "gemm"
+             else "cuBLAS's (the step is not graphed)")
+    return mode
 
 
 def plain_adapters(unet: torch.nn.Module) -> None:

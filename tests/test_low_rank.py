@@ -12,6 +12,8 @@ import torch
 from interpreted import cpu_only, worst_errors
 
 from lora_core import low_rank
+from lora_core.config import TrainConfig
+from lora_core.fast_step import low_rank_mode
 
 INTERPRETED = textwrap.dedent("""
     import torch
@@ -64,13 +66,25 @@ def test_cpu_tensors_take_addmm_with_the_same_sum():
         low_rank.enable(False)
 
 
-@pytest.mark.parametrize("on", ["add", "gemm", "off"])
-def test_the_switch_turns_the_kernel_on(on, fast_tiny_unet):
+@pytest.mark.parametrize(("on", "mode"), [("add", "add"), ("gemm", "gemm"), ("off", "off"), ("auto", "off")])
+def test_the_switch_turns_the_kernel_on(on, mode, fast_tiny_unet):
     try:
-        fast_tiny_unet(f"performance.low_rank_kernel={on}")
-        assert low_rank._state["mode"] == on
+        fast_tiny_unet(f"performance.low_rank_kernel={on}")  # a CPU step, not graphed: auto is off
+        assert low_rank._state["mode"] == mode
     finally:
         low_rank.enable(False)
+
+
+@pytest.mark.parametrize(("device", "graphs", "mode"), [("cuda", True, "gemm"), ("cuda", False, "off"),
+                                                         ("cpu", True, "off"), ("cpu", False, "off")])
+def test_auto_takes_the_one_kernel_product_only_for_a_graphed_gpu_step(device, graphs, mode):
+    assert low_rank_mode("auto", torch.device(device), graphs) == mode
+    for chosen in ("off", "add", "gemm"):  # a chosen mode is kept as it is
+        assert low_rank_mode(chosen, torch.device(device), graphs) == chosen
+
+
+def test_auto_is_the_default():
+    assert TrainConfig().performance.low_rank_kernel == "auto"
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
