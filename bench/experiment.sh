@@ -58,13 +58,15 @@
 #   bench/experiment.sh gemmdefault OUT.jsonl  low_rank_kernel=gemm against off, to decide the default: batch 16,
 #                                          a first job on an empty kernel cache, the GPU tests, the products
 #                                          (host time too), batch 1 and batch 16 without CUDA graphs
+#   bench/experiment.sh auto OUT.jsonl     low_rank_kernel=auto (the default) against off: the bf16 equality test,
+#                                          SD1.5 batch 16, SDXL batch 4 (interleaved), batch 1 with checkpointing
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault, auto or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 need_prev() {  # the tree to compare against, unpacked in .prev
@@ -140,6 +142,16 @@ case $which in
     timeout 100 python3 bench/lora_gemm.py >"${out%.jsonl}-products.jsonl" 2>>"${out%.jsonl}.log"
     for mode in gemm off; do row bench/ours.py --batch 1 --set performance.low_rank_kernel=$mode; done
     for mode in gemm off; do row bench/ours.py --batch 16 --set performance.cuda_graphs=off --set performance.low_rank_kernel=$mode; done ;;
+  auto)  # the default (auto: gemm in a graphed step) against off
+    timeout 120 python3 -m pytest -q -m gpu \
+      "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1
+    row bench/ours.py --batch 16
+    row bench/ours.py --batch 16 --set performance.low_rank_kernel=off
+    for _ in 1 2; do
+      row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
+      row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10 --set performance.low_rank_kernel=off
+    done
+    row bench/ours.py --batch 1 --gc ;;
   residual)
     need_prev
     for _ in 1 2; do row bench/ours.py --batch 16; old --batch 16; done
