@@ -147,11 +147,11 @@ case $which in
       "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1
     row bench/ours.py --batch 16
     row bench/ours.py --batch 16 --set performance.low_rank_kernel=off
-    for _ in 1 2; do
-      row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
-      row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10 --set performance.low_rank_kernel=off
-    done
-    row bench/ours.py --batch 1 --gc ;;
+    row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
+    row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10 --set performance.low_rank_kernel=off
+    row bench/ours.py --batch 1 --gc
+    row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
+    row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10 --set performance.low_rank_kernel=off ;;
   residual)
     need_prev
     for _ in 1 2; do row bench/ours.py --batch 16; old --batch 16; done
