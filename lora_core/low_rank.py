@@ -39,8 +39,12 @@ _state = {"mode": "off", "failed": False, "worked": False}
 def enable(mode: bool | str) -> None:
     """Set `performance.low_rank_kernel` for the hand-written LoRA functions: "off" (or False), "add" (or
     True: this module's kernel adds the adapter's product onto cuBLAS's base product) or "gemm" (the base
-    and adapter products in one kernel, lora_core/lora_gemm.py, where it applies; cuBLAS's elsewhere)."""
-    _state["mode"] = {True: "add", False: "off"}.get(mode, mode)
+    and adapter products in one kernel, lora_core/lora_gemm.py, where it applies; cuBLAS's elsewhere).
+    `auto` is resolved before this (`fast_step.low_rank_mode`)."""
+    mode = {True: "add", False: "off"}.get(mode, mode)
+    if mode not in ("off", "add", "gemm"):
+        raise ValueError(f"low_rank.enable: {mode!r} is not off, add or gemm")
+    _state["mode"] = mode
 
 
 def wanted_gemm(t: torch.Tensor) -> bool:
