@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import low_rank
+from . import lora_gemm, low_rank
 from .lora_fused import _down, _gemm, _gemm_down, _mm_as, compute_dtype
 
 
@@ -93,9 +93,11 @@ _PARAMS = 4  # where `params` start among the function's inputs (x, weight, scal
 
 def _side_by_side(x: torch.Tensor, ups: list[torch.Tensor]) -> torch.Tensor | None:
     """The members' up weights side by side, [rank, G x out], for one product with every member's adapter
-    (lora_core/lora_gemm.py): where that kernel is wanted and the members are alike (one width, one rank);
-    else None."""
-    if not low_rank.wanted_gemm(x) or len(set(_outs(ups))) > 1 or len(set(_ranks(ups))) > 1:
+    (lora_core/lora_gemm.py): where that kernel is wanted, takes x's inner dimension and the members are
+    alike (one width, one rank); else None, without assembling them."""
+    if not low_rank.wanted_gemm(x) or x.shape[-1] > lora_gemm.MAX_K:
+        return None
+    if len(set(_outs(ups))) > 1 or len(set(_ranks(ups))) > 1:
         return None
     return (torch.cat(ups) if len(ups) > 1 else ups[0]).t()
 
