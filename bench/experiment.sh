@@ -60,13 +60,17 @@
 #                                          (host time too), batch 1 and batch 16 without CUDA graphs
 #   bench/experiment.sh auto OUT.jsonl     low_rank_kernel=auto (the default) against off: the bf16 equality test,
 #                                          SD1.5 batch 16, SDXL batch 4 (interleaved), batch 1 with checkpointing
+#   bench/experiment.sh probes OUT.jsonl   what SD1.5 batch 16 would gain, interleaved twice: cuDNN's convolution
+#                                          timing (performance.cudnn_benchmark), cuDNN attention's backward with a
+#                                          workspace for its 4,096-token layers (CUDNN_FRONTEND_ATTN_DP_WORKSPACE_LIMIT),
+#                                          and the step without the adapters' weight-gradient products (a bound)
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault, auto or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault, auto, probes or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 need_prev() {  # the tree to compare against, unpacked in .prev
@@ -152,6 +156,13 @@ case $which in
     row bench/ours.py --batch 1 --gc
     row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
     row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10 --set performance.low_rank_kernel=off ;;
+  probes)
+    for _ in 1 2; do
+      row bench/ours.py --batch 16
+      row bench/ours.py --batch 16 --set performance.cudnn_benchmark=true
+      CUDNN_FRONTEND_ATTN_DP_WORKSPACE_LIMIT=8589934592 row bench/ours.py --batch 16
+      row bench/ours.py --batch 16 --no-weight-grads
+    done ;;
   residual)
     need_prev
     for _ in 1 2; do row bench/ours.py --batch 16; old --batch 16; done

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -58,6 +59,22 @@ def matmul_attention_for(heads: set[int], max_keys: int):
     return patch("torch.nn.functional.scaled_dot_product_attention", sdpa)
 
 
+def no_weight_grads():
+    """Replace the adapters' weight-gradient products with a zero tensor kept from the first call of each shape:
+    what those products cost in the step (an upper bound on moving them off its path; the run trains nothing)."""
+    from lora_core import grouped_lora, lora_fused
+
+    kept: dict = {}
+
+    def zeros(a, b, dtype):
+        key = (a.shape[0], b.shape[1], dtype, a.device)
+        if key not in kept:
+            kept[key] = torch.zeros(a.shape[0], b.shape[1], dtype=dtype, device=a.device)
+        return kept[key]
+
+    return patch.object(lora_fused, "_mm_as", zeros), patch.object(grouped_lora, "_mm_as", zeros)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="full:sd15")
@@ -71,6 +88,8 @@ def main() -> None:
                     help="a compiled UNet's adapters keep the fused kernel (the trainer gives them the plain path)")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="a torch._inductor.config setting for a compiled run, e.g. combo_kernels=true")
+    ap.add_argument("--no-weight-grads", action="store_true",
+                    help="skip the adapters' weight-gradient products (a probe of their cost; trains nothing)")
     ap.add_argument("--split-attention", type=int, action="append", default=[], metavar="HEAD",
                     help="self-attention of this head size runs bench/attention_split.py's kernels (e.g. 40)")
     ap.add_argument("--matmul-attention", type=int, action="append", default=[], metavar="HEAD",
@@ -96,7 +115,8 @@ def main() -> None:
     split = split_attention_for(set(a.split_attention)) if a.split_attention else nullcontext()
     spelled = (matmul_attention_for(set(a.matmul_attention), a.matmul_keys)
                if a.matmul_attention or a.matmul_keys else nullcontext())
-    with keep, split, spelled:
+    probe_a, probe_b = no_weight_grads() if a.no_weight_grads else (nullcontext(), nullcontext())
+    with keep, split, spelled, probe_a, probe_b:
         events = train(cfg, run_dir=tempfile.mkdtemp() + "/run")
         for ev in events:
             if ev.kind == "started":
@@ -107,9 +127,10 @@ def main() -> None:
             if ev.kind == "failed":
                 raise SystemExit(ev.message)
     ms = (marks[a.warmup + a.steps] - marks[a.warmup]) / a.steps * 1000
-    extra = a.set + (["keep_kernel"] if a.keep_kernel else []) + [f"inductor.{kv}" for kv in a.inductor] + [
+    extra = a.set + (["keep_kernel"] if a.keep_kernel else []) + (["no_weight_grads"] if a.no_weight_grads else []) + [f"inductor.{kv}" for kv in a.inductor] + [
         f"split_attention.{d}" for d in a.split_attention] + [f"matmul_attention.{d}" for d in a.matmul_attention] + (
-        [f"matmul_keys.{a.matmul_keys}"] if a.matmul_keys else [])
+        [f"matmul_keys.{a.matmul_keys}"] if a.matmul_keys else []) + [
+        f"{k}={v}" for k, v in os.environ.items() if k.startswith("CUDNN_FRONTEND_")]
     print(json.dumps({"impl": "ours", "model": a.model, "batch": a.batch, "gc": a.gc, "te": a.te,
                       "extra": extra, "ms_per_step": round(ms, 2), "samples_per_s": round(a.batch * 1000 / ms, 2),
                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
