@@ -257,6 +257,11 @@ class PerformanceConfig:
                               "step replays from CUDA graphs, else `off` (launched one by one from Python, the "
                               "Triton kernel costs the host more time than it saves the GPU).",
                               choices=["auto", "off", "add", "gemm"])
+    weight_grad_stream: str = _f("auto", "With fused_lora on a GPU, compute the adapters' weight gradients on a "
+                                 "second CUDA stream, beside the rest of the backward pass (they are needed only by "
+                                 "the optimizer; the same sums). `auto` = where the step replays from CUDA graphs; "
+                                 "`on` = in every GPU step; `off` = in turn with the backward pass.",
+                                 choices=["auto", "on", "off"])
     fused_projections: bool = _f(True, "Compute the q, k and v projections of each UNet self-attention (k and v "
                                  "of cross-attention) as one matrix product, adapters included: fewer, larger "
                                  "GPU kernels, no extra memory, the plain adapter path's maths (not used with "

@@ -266,6 +266,11 @@ def low_rank_mode(mode: str, device: torch.device, graphs: bool) -> str:
     return mode
 
 
+def weight_grad_stream(mode: str, device: torch.device, graphs: bool) -> bool:
+    """`performance.weight_grad_stream`, with `auto` resolved: on for a graphed step on a GPU."""
+    return device.type == "cuda" and (mode == "on" or (mode == "auto" and graphs))
+
+
 def plain_adapters(unet: torch.nn.Module) -> None:
     """The UNet's adapters take the plain path, which the compiler fuses itself. Through the hand-written
     kernel's old in-place forward a compiled step trained nothing on a GPU with torch 2.11

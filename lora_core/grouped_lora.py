@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import lora_gemm, low_rank
+from . import lora_gemm, low_rank, weight_grads
 from .lora_fused import _down, _gemm, _gemm_down, _mm_as, compute_dtype
 
 
@@ -60,7 +60,7 @@ class _GroupedLoRAFn(torch.autograd.Function):
                 for y_i, z_i, u in zip(y.split(_outs(ups), 1), zs.split(_ranks(ups), 1), ups, strict=True):
                     low_rank.add_(y_i, z_i, u)  # into the member's columns, in place
         ctx.save_for_backward(x, weight, down, zs, *ups)
-        ctx.scale, ctx.dtypes = scale, [p.dtype for p in params]
+        ctx.scale, ctx.dtypes, ctx.params = scale, [p.dtype for p in params], params
         ctx.records = low_rank.records()  # a dry run's: the backward's kernel launches are noted there too
         return y
 
@@ -73,13 +73,14 @@ class _GroupedLoRAFn(torch.autograd.Function):
         gz = torch.empty_like(zs)  # d loss / d (x D^T); beta=0: its unset values are never read
         for gz_i, gy_i, u in zip(gz.split(_ranks(ups), 1), gys, ups, strict=True):
             gz_i.addmm_(gy_i, u, beta=0, alpha=ctx.scale)
-        grad_ups = [_mm_as(gy_i.t(), z_i, dt) if need else None for gy_i, z_i, dt, need
-                    in zip(gys, zs.split(_ranks(ups), 1), ctx.dtypes[g:], needs[g:], strict=True)]
-        grad_downs = [None] * g
-        if any(needs[:g]):
-            rows = _mm_as(gz.t(), x, ctx.dtypes[0]).split(_ranks(ups))
-            grad_downs = [r.to(dt) if need else None for r, dt, need in zip(rows, ctx.dtypes[:g], needs[:g],
-                                                                         strict=True)]
+        grad_downs, grad_ups = [None] * g, [None] * g
+        if weight_grads.active(x.device) and all(needs):  # into .grad from a side stream, beside the backward pass
+            z_parts, ups_p = zs.split(_ranks(ups), 1), ctx.params[g:]
+            jobs = [(list(ctx.params[:g]), gz.t(), x)]  # the downs' gradients: one product, split by rows
+            jobs += [([u], gy_i.t(), z_i) for u, gy_i, z_i in zip(ups_p, gys, z_parts, strict=True)]
+            weight_grads.accumulate(x.device, jobs, _mm_as, [gy, gz, x, zs])
+        else:
+            grad_downs, grad_ups = _weight_grads(ctx, gys, gz, x, zs, _ranks(ups))
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _gemm(gy, weight, gz, down, records=ctx.records)
@@ -89,6 +90,19 @@ class _GroupedLoRAFn(torch.autograd.Function):
 
 
 _PARAMS = 4  # where `params` start among the function's inputs (x, weight, scale, computes)
+
+
+def _weight_grads(ctx, gys: tuple[torch.Tensor, ...], gz: torch.Tensor, x: torch.Tensor, zs: torch.Tensor,
+                  ranks: list[int]) -> tuple[list, list]:
+    """The members' down and up weights' gradients (None where not needed), returned to autograd."""
+    g, needs = len(ranks), ctx.needs_input_grad[_PARAMS:]
+    grad_ups = [_mm_as(gy_i.t(), z_i, dt) if need else None for gy_i, z_i, dt, need
+                in zip(gys, zs.split(ranks, 1), ctx.dtypes[g:], needs[g:], strict=True)]
+    grad_downs = [None] * g
+    if any(needs[:g]):
+        rows = _mm_as(gz.t(), x, ctx.dtypes[0]).split(ranks)
+        grad_downs = [r.to(dt) if need else None for r, dt, need in zip(rows, ctx.dtypes[:g], needs[:g], strict=True)]
+    return grad_downs, grad_ups
 
 
 def _side_by_side(x: torch.Tensor, ups: list[torch.Tensor]) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import lora_gemm, low_rank
+from . import lora_gemm, low_rank, weight_grads
 from .half_norms import HALF
 
 # cuBLAS can write a half-precision product straight into an fp32 output (torch.mm's out_dtype, CUDA, torch
@@ -45,7 +45,7 @@ class _LoRALinearFn(torch.autograd.Function):
             if y is None:
                 y = _base_and_adapter(x, weight, bias, zs, u)
         ctx.save_for_backward(x, weight, d, u, zs)
-        ctx.scale, ctx.param_dtypes = scale, (down.dtype, up.dtype)
+        ctx.scale, ctx.param_dtypes, ctx.params = scale, (down.dtype, up.dtype), (down, up)
         ctx.records = low_rank.records()  # a dry run's: the backward's kernel launches are noted there too
         return y  # not a view: callers may change it in place
 
@@ -58,8 +58,14 @@ class _LoRALinearFn(torch.autograd.Function):
         # d loss / d (x D^T), with the input's gradient in one kernel where it runs
         fused = _gemm_down(g, weight, u, d, ctx.scale, records=ctx.records) if need_x else None
         grad_x, gz = fused if fused is not None else (None, _down(g, u.t(), ctx.scale))
-        grad_down = _mm_as(gz.t(), x, ctx.param_dtypes[0]) if need_down else None
-        grad_up = _mm_as(g.t(), zs, ctx.param_dtypes[1]) if need_up else None
+        grad_down = grad_up = None
+        if weight_grads.active(x.device):  # into .grad from a side stream, beside the rest of the backward pass
+            down, up = ctx.params
+            jobs = [([down], gz.t(), x)] * need_down + [([up], g.t(), zs)] * need_up
+            weight_grads.accumulate(x.device, jobs, _mm_as, [gz, x, g, zs])
+        else:
+            grad_down = _mm_as(gz.t(), x, ctx.param_dtypes[0]) if need_down else None
+            grad_up = _mm_as(g.t(), zs, ctx.param_dtypes[1]) if need_up else None
         if need_x and grad_x is None:
             grad_x = _gemm(g, weight, gz, d, records=ctx.records)
             if grad_x is None:

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from . import checkpoints as ckpt
-from . import kernel_builds
+from . import kernel_builds, weight_grads
 from .attention import attention_kernels
 from .batches import Batch, TextCache, TrainData
 from .config import TrainConfig, validate
@@ -42,6 +42,7 @@ from .fast_step import (
     prebuilds,
     step_autocast,
     use_graphs,
+    weight_grad_stream,
 )
 from .inject import adapters_off, inject, lora_parameters
 from .lora import LoRAModule
@@ -271,6 +272,9 @@ class Stepper:
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(acc.device)
         self.work = working_copy(modules.values(), acc.mixed_precision, cfg.performance.adapter_copy)
         self.graphed = GraphedStep(self._update, opt) if graphs else None
+        self.side_grads = weight_grad_stream(cfg.performance.weight_grad_stream, acc.device, graphs)
+        if self.side_grads:
+            log.info("the adapters' weight gradients are computed on a second CUDA stream")
         if graphs:
             make_capturable(opt)
         # a compiled UNet does not take the kernels (torch.compile fuses the norms itself)
@@ -304,7 +308,8 @@ class Stepper:
         with self._adapter_copy():
             with step_autocast(self.acc):
                 loss = _loss(self.model, self.unet, x, self.cfg.model.clip_skip)
-            loss.backward()
+            with weight_grads.on_side_stream(self.acc.device, self.side_grads):
+                loss.backward()
         self._gradients_back()
         if self.cfg.optim.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm, foreach=True)
@@ -408,7 +413,8 @@ class Stepper:
             with self._adapter_copy():
                 with acc.autocast():
                     loss = _loss(self.model, self.unet, x, cfg.model.clip_skip) / accum
-                loss.backward()
+                with weight_grads.on_side_stream(acc.device, self.side_grads):
+                    loss.backward()
             self._gradients_back()
             loss_sum += loss.detach()
         ckpt.average_gradients(acc, self.params)
