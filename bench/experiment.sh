@@ -67,16 +67,13 @@
 #   bench/experiment.sh sidegrads OUT.jsonl the adapters' weight gradients on a second stream (performance.weight_grad_stream,
 #                                          auto = on in graphed steps) against off: its GPU tests and the 50-step
 #                                          bf16 equality test, SD1.5 batch 16 interleaved twice, batch 1, SDXL batch 4
-#   bench/experiment.sh gegluprod OUT.jsonl GEGLU's backward inside the output projection's gradient product
-#                                          (performance.geglu_in_product) against the separate kernels: the GPU tests and
-#                                          the 50-step bf16 equality test, SD1.5 batch 16 interleaved twice, batch 1, SDXL 4
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault, auto, probes, sidegrads, gegluprod or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault, auto, probes, sidegrads or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 need_prev() {  # the tree to compare against, unpacked in .prev
@@ -178,15 +175,6 @@ case $which in
     row bench/ours.py --batch 1; row bench/ours.py --batch 1 --set performance.weight_grad_stream=off
     row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
     row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10 --set performance.weight_grad_stream=off ;;
-  gegluprod)
-    timeout 240 python3 -m pytest -q -m gpu tests/test_ff_fused.py tests/test_geglu.py \
-      "tests/test_fast_step.py::test_fast_step_tracks_plain_eager_step_bf16_sd15[cudnn]" >"${out%.jsonl}-tests.txt" 2>&1
-    for _ in 1 2; do
-      row bench/ours.py --batch 16; row bench/ours.py --batch 16 --set performance.geglu_in_product=false
-    done
-    row bench/ours.py --batch 1; row bench/ours.py --batch 1 --set performance.geglu_in_product=false
-    row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10
-    row bench/ours.py --model full:sdxl --batch 4 --warmup 10 --steps 10 --set performance.geglu_in_product=false ;;
   residual)
     need_prev
     for _ in 1 2; do row bench/ours.py --batch 16; old --batch 16; done

@@ -257,11 +257,6 @@ class PerformanceConfig:
                               "step replays from CUDA graphs, else `off` (launched one by one from Python, the "
                               "Triton kernel costs the host more time than it saves the GPU).",
                               choices=["auto", "off", "add", "gemm"])
-    geglu_in_product: bool = _f(True, "With fused_geglu and the one-kernel adapter products (low_rank_kernel "
-                                "`gemm`, which `auto` takes in graphed steps), compute the feed-forward's GEGLU "
-                                "backward inside the output projection's gradient product, for layers 320 or 640 "
-                                "wide: that gradient is never written to memory (the same maths, one rounding "
-                                "fewer). Off = the product, then the GEGLU kernel.")
     weight_grad_stream: str = _f("auto", "With fused_lora on a GPU, compute the adapters' weight gradients on a "
                                  "second CUDA stream, beside the rest of the backward pass (they are needed only by "
                                  "the optimizer; the same sums). `auto` = where the step replays from CUDA graphs "

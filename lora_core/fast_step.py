@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import low_rank, nhwc_norm
-from .ff_fused import use_fused_feed_forward
 from .fused_projections import fuse_projections
 from .geglu import use_fused_geglu
 from .half_norms import HALF, use_half_norms
@@ -230,8 +229,6 @@ def fast_unet(cfg: TrainConfig, model: LoadedModel, device: torch.device, steps:
             nhwc_norm.keep_channels_last(model.unet)
     if perf.fused_geglu and model.unet.dtype in HALF:  # CPU tensors take diffusers' path in the layer
         log.info("feed-forward GEGLU fused into one kernel each way: %d layers", use_fused_geglu(model.unet))
-        if perf.geglu_in_product:  # taken call by call where the one-kernel products run (FusedFeedForward)
-            use_fused_feed_forward(model.unet)
     if perf.lean_resnets:
         log.info("ResNet blocks run without layout copies, divides by 1 or separate bias passes: %d blocks",
                  use_lean_resnets(model.unet))

@@ -42,12 +42,6 @@ def available() -> bool:
     return triton is not None and not _state["failed"]
 
 
-def checked() -> bool:
-    """Whether the kernels have run on this machine, or launches are only noted (a dry run): a caller that
-    launches them without `geglu`'s first-call check waits for one of these."""
-    return _state["worked"] or recording_launches()
-
-
 def fits(h: torch.Tensor) -> bool:
     """Whether the kernels can read `h`: a non-empty contiguous half-precision tensor, last dimension even."""
     return h.dtype in HALF and h.numel() > 0 and h.shape[-1] % 2 == 0 and h.is_contiguous()
@@ -99,39 +93,28 @@ def _grid(rows: int, d: int) -> tuple[int, int]:
     return triton.cdiv(rows, BLOCK_R), triton.cdiv(d, BLOCK_C)
 
 
-def forward_kernel(h: torch.Tensor) -> torch.Tensor:
-    """`a * gelu(g)` of a tensor `fits` accepts, by the forward kernel alone (no autograd)."""
-    d = h.shape[-1] // 2
-    rows = h.numel() // (2 * d)
-    y = torch.empty(*h.shape[:-1], d, device=h.device, dtype=h.dtype)
-    with on_device(h):  # Triton launches on the current device
-        launch(_forward, _grid(rows, d), h, y, rows, d, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-    return y
-
-
-def backward_kernel(h: torch.Tensor, dy: torch.Tensor, records: list | None = None) -> torch.Tensor:
-    """The gradient of `forward_kernel(h)`'s input from its output's `dy`, by the backward kernel; `records`:
-    a dry run's list (kernel_builds.noting)."""
-    d = h.shape[-1] // 2
-    rows = h.numel() // (2 * d)
-    dh = torch.empty_like(h)
-    with on_device(h), kernel_builds.noting(records):
-        launch(_backward, _grid(rows, d), h, dy.contiguous(), dh, rows, d, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
-    return dh
-
-
 class _GEGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h):
+        d = h.shape[-1] // 2
+        rows = h.numel() // (2 * d)
+        y = torch.empty(*h.shape[:-1], d, device=h.device, dtype=h.dtype)
+        with on_device(h):  # Triton launches on the current device
+            launch(_forward, _grid(rows, d), h, y, rows, d, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
         ctx.save_for_backward(h)
         ctx.records = kernel_builds.current()  # a dry run's: its backward is noted there too
-        return forward_kernel(h)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         (h,) = ctx.saved_tensors
-        return backward_kernel(h, dy, ctx.records)
+        d = h.shape[-1] // 2
+        rows = h.numel() // (2 * d)
+        dh = torch.empty_like(h)
+        with on_device(h), kernel_builds.noting(ctx.records):
+            launch(_backward, _grid(rows, d), h, dy.contiguous(), dh, rows, d, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        return dh
 
 
 def _probe(like: torch.Tensor) -> None:
