@@ -153,7 +153,7 @@ def test_graphed_step_equals_eager_step_fp32(tmp_path, caplog, base, te):
 @pytest.mark.parametrize("attention", ["cudnn", "tuned"])
 def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path, attention):
     """Graphs, channels-last, cuDNN (or per-shape tuned) attention, the fused LoRA kernel, half-precision and channels-last norms,
-    the working copy, grouped projections, the fused GEGLU, the LayerNorm kernels, the lean ResNet and transformer blocks, the one-kernel LoRA product against none of them: 50 steps within 2%."""
+    the working copy, grouped projections, the fused GEGLU, the LayerNorm kernels, the lean ResNet and transformer blocks, the one-kernel LoRA product, the weight gradients on a second stream against none of them: 50 steps within 2%."""
     data = tmp_path / "data"
     write_example_dataset(data, n=8, size=512)
     common = [f"data.dir={data}", "model.base=full:sd15", "data.resolution=512", "data.buckets=false",
@@ -164,13 +164,15 @@ def test_fast_step_tracks_plain_eager_step_bf16_sd15(tmp_path, attention):
              "performance.fused_lora=false", "performance.half_norms=false", "performance.adapter_copy=false",
              "performance.fused_projections=false", "performance.fused_geglu=false", "performance.nhwc_norms=false",
              "performance.fast_layer_norm=false",
-             "performance.lean_resnets=false", "performance.lean_transformers=false", "performance.low_rank_kernel=off"]
+             "performance.lean_resnets=false", "performance.lean_transformers=false", "performance.low_rank_kernel=off",
+             "performance.weight_grad_stream=off"]
     eager, _ = _losses(resolve(overrides=common + plain), tmp_path / "eager")
     fast = ["performance.cuda_graphs=on", "performance.channels_last=on", f"performance.attention={attention}",
             "performance.fused_lora=true", "performance.half_norms=true", "performance.adapter_copy=true",
             "performance.fused_projections=true", "performance.fused_geglu=true", "performance.nhwc_norms=true",
             "performance.fast_layer_norm=true",
-            "performance.lean_resnets=true", "performance.lean_transformers=true", "performance.low_rank_kernel=gemm"]
+            "performance.lean_resnets=true", "performance.lean_transformers=true", "performance.low_rank_kernel=gemm",
+            "performance.weight_grad_stream=on"]
     from lora_core import attention as attention_module
 
     attention_module._chosen.clear()
