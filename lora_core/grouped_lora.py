@@ -74,7 +74,7 @@ class _GroupedLoRAFn(torch.autograd.Function):
         for gz_i, gy_i, u in zip(gz.split(_ranks(ups), 1), gys, ups, strict=True):
             gz_i.addmm_(gy_i, u, beta=0, alpha=ctx.scale)
         grad_downs, grad_ups = [None] * g, [None] * g
-        if weight_grads.active(x.device) and all(needs):  # into .grad from a side stream, beside the backward pass
+        if all(needs) and all(p.is_leaf for p in ctx.params) and weight_grads.active(x.device):  # a side stream
             z_parts, ups_p = zs.split(_ranks(ups), 1), ctx.params[g:]
             jobs = [(list(ctx.params[:g]), gz.t(), x)]  # the downs' gradients: one product, split by rows
             jobs += [([u], gy_i.t(), z_i) for u, gy_i, z_i in zip(ups_p, gys, z_parts, strict=True)]

@@ -59,10 +59,10 @@ class _LoRALinearFn(torch.autograd.Function):
         fused = _gemm_down(g, weight, u, d, ctx.scale, records=ctx.records) if need_x else None
         grad_x, gz = fused if fused is not None else (None, _down(g, u.t(), ctx.scale))
         grad_down = grad_up = None
-        if weight_grads.active(x.device):  # into .grad from a side stream, beside the rest of the backward pass
-            down, up = ctx.params
-            jobs = [([down], gz.t(), x)] * need_down + [([up], g.t(), zs)] * need_up
-            weight_grads.accumulate(x.device, jobs, _mm_as, [gz, x, g, zs])
+        down, up = ctx.params
+        if (need_down or need_up) and down.is_leaf and up.is_leaf and weight_grads.active(x.device):
+            jobs = ([([down], gz.t(), x)] if need_down else []) + ([([up], g.t(), zs)] if need_up else [])
+            weight_grads.accumulate(x.device, jobs, _mm_as, [gz, x, g, zs])  # into .grad from a side stream
         else:
             grad_down = _mm_as(gz.t(), x, ctx.param_dtypes[0]) if need_down else None
             grad_up = _mm_as(g.t(), zs, ctx.param_dtypes[1]) if need_up else None

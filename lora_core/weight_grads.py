@@ -19,6 +19,9 @@ Measured on an H100 (bench/data/sidegrads*-h100.jsonl, graphed steps): SD1.5 bat
 room beside them.
 
 The switch is per device, not per thread: autograd runs a GPU's backward functions in a thread of its own.
+Within one backward pass a weight must get its gradient from this path only (a layer called once, through
+the hand-written functions): a second contribution through autograd would be added on the step's stream
+while the side stream writes.
 """
 
 from __future__ import annotations
@@ -32,14 +35,19 @@ import torch
 LAG = 8  # layers' weight gradients in flight at most; the step's stream waits for older ones
 
 
-
 class _Side:
+    """A device's side stream and the work queued on it: (event recorded after it, tensors it reads). Nothing
+    is allocated on the stream except right after `fork`, which waits for the step's stream: so a `.grad`
+    made here and later freed on the step's stream (the optimizer's `zero_grad`) is only reused after the
+    step's stream has finished with it."""
+
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.device = device
         self.pending: deque[tuple[torch.cuda.Event | None, list[torch.Tensor]]] = deque()
 
     def fork(self) -> contextlib.AbstractContextManager:
+        """Make the side stream wait for the step's stream and current within the block."""
         if self.stream is None:  # a CPU stand-in (tests): the work runs in line
             return contextlib.nullcontext()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -61,9 +69,12 @@ class _Side:
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def join(self) -> None:
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        self.pending.clear()
+        """Make the step's stream wait for all the side work, then release what it read."""
+        try:
+            if self.stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        finally:
+            self.pending.clear()
 
 
 _SIDES: dict[tuple[str, int], _Side] = {}
@@ -95,11 +106,12 @@ def on_side_stream(device: torch.device, enabled: bool = True) -> Iterator[None]
 
 
 def active(device: torch.device) -> bool:
-    """Whether `device`'s backward pass is inside `on_side_stream` (its layers then hand their products here)."""
-    return bool(_ACTIVE) and _key(device) in _ACTIVE
+    """Whether `device`'s backward pass is inside `on_side_stream` (its layers then hand their products here);
+    never under torch.compile."""
+    return bool(_ACTIVE) and not torch.compiler.is_compiling() and _key(device) in _ACTIVE
 
 
-Product = Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
+Product = Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]  # (a, b, dtype) -> a @ b in dtype
 
 
 def accumulate(device: torch.device, jobs: list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]],
@@ -109,13 +121,16 @@ def accumulate(device: torch.device, jobs: list[tuple[list[torch.Tensor], torch.
     side stream of `device`; `keep`: every tensor the products read, held until the step's stream has waited
     for them. Only where `active(device)`."""
     side = _ACTIVE[_key(device)]
-    with side.fork():
-        for params, a, b in jobs:
-            whole = product(a, b, params[0].dtype)
-            parts = whole.split([p.shape[0] for p in params]) if len(params) > 1 else (whole,)
-            for param, grad in zip(params, parts, strict=True):
-                if param.grad is None:
-                    param.grad = grad
-                else:
-                    param.grad.add_(grad)
-    side.done(keep)
+    try:
+        with side.fork():
+            for params, a, b in jobs:
+                whole = product(a, b, params[0].dtype)
+                parts = whole.split([p.shape[0] for p in params]) if len(params) > 1 else (whole,)
+                for param, grad in zip(params, parts, strict=True):
+                    grad = grad.to(param.dtype)
+                    if param.grad is None:
+                        param.grad = grad
+                    else:
+                        param.grad.add_(grad)
+    finally:  # whatever was queued keeps its inputs alive until the step's stream waits for it
+        side.done(keep)

@@ -5,8 +5,6 @@ own stream, eager and inside a captured CUDA graph."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -81,12 +79,13 @@ def test_the_layers_hand_their_products_over_and_at_most_lag_stay_held(monkeypat
     monkeypatch.setattr(wg, "LAG", 2)
     layers = [_layers(seed=i)[0] for i in range(5)]
     x = torch.randn(4, 24, requires_grad=True)
-    seen = []
+    seen, held = [], []
     real_done = wg._Side.done
 
     def done(self, keep):
         real_done(self, keep)
         seen.append(len(self.pending))
+        held.append(keep)
 
     monkeypatch.setattr(wg._Side, "done", done)
     loss = sum((m(x) ** 2).sum() for m in layers)
@@ -95,18 +94,69 @@ def test_the_layers_hand_their_products_over_and_at_most_lag_stay_held(monkeypat
         loss.backward()
     assert seen == [1, 2, 2, 2, 2]  # one hand-over per layer, the oldest retired beyond LAG
     assert not wg.active(torch.device("cpu")) and not wg._SIDES[("cpu", 0)].pending  # joined and released
+    storage = x.untyped_storage().data_ptr()  # each hand-over holds what its products read, the input among them
+    assert all(any(t.untyped_storage().data_ptr() == storage for t in keep) for keep in held)
 
 
-def test_outside_the_block_the_layers_return_their_gradients_to_autograd():
+def _count_handovers(monkeypatch) -> list[int]:
+    """The number of products in each hand-over to the side stream, as a list filled in as they come."""
+    counts = []
+    real = wg.accumulate
+
+    def counting(device, jobs, product, keep):
+        counts.append(len(jobs))
+        real(device, jobs, product, keep)
+
+    monkeypatch.setattr(wg, "accumulate", counting)
+    return counts
+
+
+def test_single_layers_and_groups_hand_over_every_weights_product_and_only_inside_the_block(monkeypatch):
+    counts = _count_handovers(monkeypatch)
     layers = _layers()
-    plain = copy.deepcopy(layers)
-    x = torch.randn(2, 24)
-    _loss(layers, x.clone().requires_grad_()).backward()
+    x = torch.randn(2, 24, requires_grad=True)
+    _loss(layers, x).backward()
+    assert counts == []  # outside the block: returned to autograd
+    for p in _params(layers):
+        p.grad = None
     with wg.on_side_stream(torch.device("cpu"), enabled=False):
         assert not wg.active(torch.device("cpu"))
-        _loss(plain, x.clone().requires_grad_()).backward()
-    for g, w in zip(_params(layers), _params(plain), strict=True):
-        torch.testing.assert_close(g.grad, w.grad)
+        _loss(layers, x).backward()
+    assert counts == []
+    with wg.on_side_stream(torch.device("cpu")):
+        _loss(layers, x).backward()
+    assert sorted(counts) == [2, 4]  # a layer's down and up; a group's downs (one product) and its three ups
+    layers[0].lora_down.weight.requires_grad_(False)  # a weight without a gradient: the layer returns its own
+    counts.clear()
+    with wg.on_side_stream(torch.device("cpu")):
+        _loss(layers, x).backward()
+    assert sorted(counts) == [1, 4]
+
+
+def test_a_device_without_an_index_is_the_current_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert wg._key(torch.device("cuda")) == wg._key(torch.device("cuda:1")) == ("cuda", 1)
+    assert wg._key(torch.device("cpu")) == ("cpu", 0)
+
+
+def test_a_training_run_with_the_stream_trains_the_same_model(tmp_path, monkeypatch):
+    """The trainer's wiring (the block around each backward pass, joined before the gradients are read): CPU
+    steps with gradient accumulation, the side work in line, against the same run without it."""
+    from lora_core import trainer
+    from lora_core.config import resolve
+    from lora_core.dataset import write_example_dataset
+
+    write_example_dataset(tmp_path / "d", n=4, size=64)
+    cfg = resolve(overrides=[f"data.dir={tmp_path / 'd'}", "model.base=tiny:sd1", "data.resolution=64",
+                             "schedule.steps=4", "optim.grad_accum=2", "optim.lr=1e-3", "sampling.enabled=false",
+                             "performance.mixed_precision=no"])
+    plain = [ev.loss for ev in trainer.train(cfg, run_dir=tmp_path / "a") if ev.kind == "step"]
+    counts = _count_handovers(monkeypatch)
+    monkeypatch.setattr(trainer, "weight_grad_stream", lambda mode, device, graphs: True)
+    side = [ev.loss for ev in trainer.train(cfg, run_dir=tmp_path / "b") if ev.kind == "step"]
+    assert len(counts) >= 4 * 2 * 16  # every adapted layer (or group) of every micro-batch
+    assert len(side) == len(plain) == 4
+    torch.testing.assert_close(torch.tensor(side), torch.tensor(plain), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode,device,graphs,on", [
