@@ -258,12 +258,11 @@ class PerformanceConfig:
                               "Triton kernel costs the host more time than it saves the GPU).",
                               choices=["auto", "off", "add", "gemm"])
     weight_grad_stream: str = _f("auto", "With fused_lora on a GPU, compute the adapters' weight gradients on a "
-                                 "second CUDA stream, beside the rest of the backward pass (they are needed only by "
-                                 "the optimizer; the same sums). `auto` = in runs whose step replays from CUDA graphs (and their "
-                                 "eager warm-up steps) "
-                                 "(measured on an H100: 2% off SD1.5 batch 1, 1.3% off SDXL batch 4, nothing at SD1.5 "
-                                 "batch 16); `on` = in every GPU step (not measured without graphs); `off` = in turn "
-                                 "with the rest of the backward pass.",
+                                 "second CUDA stream, beside the rest of the backward pass (only the optimizer reads "
+                                 "them; the same sums). `auto` = in runs whose step replays from CUDA graphs, their "
+                                 "eager warm-up steps included (on an H100: 2% off SD1.5 batch 1, 1.3% off SDXL "
+                                 "batch 4, nothing at SD1.5 batch 16); `on` = in every GPU step (not measured "
+                                 "without graphs); `off` = in turn with the rest of the backward pass.",
                                  choices=["auto", "on", "off"])
     fused_projections: bool = _f(True, "Compute the q, k and v projections of each UNet self-attention (k and v "
                                  "of cross-attention) as one matrix product, adapters included: fewer, larger "
