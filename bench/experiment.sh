@@ -67,13 +67,18 @@
 #   bench/experiment.sh sidegrads OUT.jsonl the adapters' weight gradients on a second stream (performance.weight_grad_stream,
 #                                          auto = on in graphed steps) against off: its GPU tests and the 50-step
 #                                          bf16 equality test, SD1.5 batch 16 interleaved twice, batch 1, SDXL batch 4
+#   bench/experiment.sh attnlimit OUT.jsonl what limits cuDNN's attention at 4,096 tokens (bench/attention_limit.py: the
+#                                          per-score and per-product parts), then SD1.5 batch 16 with its head-40 attention
+#                                          zero-padded to 48 (ours.py --pad-attention 40:48) against the plain step, twice
+#   bench/experiment.sh attnpipes OUT      Nsight Compute's pipe counters of cuDNN's attention kernels (forward, backward) at
+#                                          batch 16, 4,096 tokens, 8 heads of 40, 16 and 64 (beside OUT: -pipes-8x40.csv ...)
 #   bench/experiment.sh preview OUT.jsonl  a lone preview with and without the working copy (which also
 #                                          brings the grouped adapters assembled once per preview), interleaved
 # Where the compiled batch-1 step's time goes, and where channels-last loses time when compiled:
 #   python3 bench/profile_step.py --batch 1 --set performance.compile=on --out F
 #   python3 bench/profile_step.py --batch 16 --set performance.compile=on --set performance.channels_last=on --out F
 set -u
-which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault, auto, probes, sidegrads or preview}
+which=${1:?kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault, auto, probes, sidegrads, attnlimit, attnpipes or preview}
 out=${2:-bench/experiment.jsonl}
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
 need_prev() {  # the tree to compare against, unpacked in .prev
@@ -165,6 +170,15 @@ case $which in
       row bench/ours.py --batch 16 --set performance.cudnn_benchmark=true
       CUDNN_FRONTEND_ATTN_DP_WORKSPACE_LIMIT=8589934592 row bench/ours.py --batch 16
       row bench/ours.py --batch 16 --no-weight-grads
+    done ;;
+  attnlimit)
+    timeout 120 python3 bench/attention_limit.py >>"$out" 2>>"${out%.jsonl}.log"
+    for _ in 1 2; do row bench/ours.py --batch 16; row bench/ours.py --batch 16 --pad-attention 40:48; done ;;
+  attnpipes)
+    for shape in "8 40" "8 16" "8 64"; do
+      timeout 150 ncu -k regex:'flash_(f|b)prop' --launch-skip 2 --launch-count 2 --csv \
+        --metrics 'gpu__time_duration.sum,regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active$,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active$,sm__throughput.avg.pct_of_peak_sustained_elapsed' \
+        python3 bench/attention_limit.py --once $shape >"${out%.jsonl}-pipes-${shape// /x}.csv" 2>>"${out%.jsonl}.log"
     done ;;
   sidegrads)
     timeout 200 python3 -m pytest -q -m gpu tests/test_weight_grads.py \
@@ -261,5 +275,5 @@ case $which in
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last
       row bench/preview_lone.py --grouped --nhwc-norms --rows unmerged_channels_last --no-copy
     done ;;
-  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault or preview)" >&2; exit 2 ;;
+  *) echo "unknown experiment: $which (kernel, combo, copy, nowait, cl16, clauto, geglu, lean, after, recheck, compiled, grouped, norms, stop, prebuild, attnsplit, limits16, tuned, leantf, residual, lowrank, lowrank2, gemmdefault, attnlimit, attnpipes or preview)" >&2; exit 2 ;;
 esac

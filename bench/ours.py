@@ -59,6 +59,24 @@ def matmul_attention_for(heads: set[int], max_keys: int):
     return patch("torch.nn.functional.scaled_dot_product_attention", sdpa)
 
 
+def pad_attention_for(pairs: dict[int, int]):
+    """Zero-pad q, k and v of attention with these head sizes to a larger one before cuDNN's kernel, and slice the
+    output back (the scale stays that of the real head size): a whole-step A/B of whether the kernel's time at the
+    padded size, plus the copies, beats its time at the real one. The trainer does not do this."""
+    plain = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        d = q.shape[-1]
+        if d in pairs and k.shape[-1] == d and v.shape[-1] == d and attn_mask is None and not kwargs:
+            widen = (0, pairs[d] - d)
+            out = plain(*(torch.nn.functional.pad(t, widen) for t in (q, k, v)), dropout_p=dropout_p,
+                        is_causal=is_causal, scale=d ** -0.5 if scale is None else scale)
+            return out[..., :d]
+        return plain(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+
+    return patch("torch.nn.functional.scaled_dot_product_attention", sdpa)
+
+
 def no_weight_grads():
     """Replace the adapters' weight-gradient products with a zero tensor kept from the first call of each shape:
     what those products cost in the step (an upper bound on moving them off its path; the run trains nothing)."""
@@ -92,6 +110,8 @@ def main() -> None:
                     help="skip the adapters' weight-gradient products (a probe of their cost; trains nothing)")
     ap.add_argument("--split-attention", type=int, action="append", default=[], metavar="HEAD",
                     help="self-attention of this head size runs bench/attention_split.py's kernels (e.g. 40)")
+    ap.add_argument("--pad-attention", action="append", default=[], metavar="HEAD:PADDED",
+                    help="zero-pad attention of head size HEAD to PADDED before the kernel (an A/B; see pad_attention_for)")
     ap.add_argument("--matmul-attention", type=int, action="append", default=[], metavar="HEAD",
                     help="attention of this head size is spelled out in plain operators (e.g. 160)")
     ap.add_argument("--matmul-keys", type=int, default=0, metavar="N",
@@ -115,8 +135,10 @@ def main() -> None:
     split = split_attention_for(set(a.split_attention)) if a.split_attention else nullcontext()
     spelled = (matmul_attention_for(set(a.matmul_attention), a.matmul_keys)
                if a.matmul_attention or a.matmul_keys else nullcontext())
+    pads = dict(tuple(int(x) for x in p.split(":")) for p in a.pad_attention)
+    padding = pad_attention_for(pads) if pads else nullcontext()
     probe_a, probe_b = no_weight_grads() if a.no_weight_grads else (nullcontext(), nullcontext())
-    with keep, split, spelled, probe_a, probe_b:
+    with keep, split, spelled, padding, probe_a, probe_b:
         events = train(cfg, run_dir=tempfile.mkdtemp() + "/run")
         for ev in events:
             if ev.kind == "started":
@@ -128,7 +150,7 @@ def main() -> None:
                 raise SystemExit(ev.message)
     ms = (marks[a.warmup + a.steps] - marks[a.warmup]) / a.steps * 1000
     extra = a.set + (["keep_kernel"] if a.keep_kernel else []) + (["no_weight_grads"] if a.no_weight_grads else []) + [f"inductor.{kv}" for kv in a.inductor] + [
-        f"split_attention.{d}" for d in a.split_attention] + [f"matmul_attention.{d}" for d in a.matmul_attention] + (
+        f"split_attention.{d}" for d in a.split_attention] + [f"pad_attention.{p}" for p in a.pad_attention] + [f"matmul_attention.{d}" for d in a.matmul_attention] + (
         [f"matmul_keys.{a.matmul_keys}"] if a.matmul_keys else []) + [
         f"{k}={v}" for k, v in os.environ.items() if k.startswith("CUDNN_FRONTEND_")]
     print(json.dumps({"impl": "ours", "model": a.model, "batch": a.batch, "gc": a.gc, "te": a.te,
