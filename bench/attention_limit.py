@@ -3,8 +3,11 @@
 Times cuDNN's kernel, forward and forward + backward in bf16, at head counts and sizes chosen to separate
 the work that grows with the score tiles (softmax: exponentials, scaling, the row sums) from the work that
 grows with the head size (the matrix products): 8 heads of 16, 32, 40, 48 and 64 have the same number of
-scores; 5 heads of 64 have the products of 8 heads of 40 (320 channels) and 5/8 of the scores. A least-squares
-fit of time = a * scores + b * scores * padded head gives each part's cost. One JSON line per shape, then the fit.
+scores; 5 heads of 64 have the products of 8 heads of 40 (320 channels) and 5/8 of the scores. One JSON line
+per shape, then a least-squares fit of time = a * scores + b * scores * padded head. The fit assumes heads up
+to 64 are padded to 64 and larger ones to 128; since every head up to 64 runs the same 64-wide kernel
+(Nsight Compute, `bench/experiment.sh attnpipes`), it cannot tell the two parts apart for those heads, and
+bench/RESULTS.md draws on the timings and the counters, not on it.
 `--once HEADS HEAD` runs one shape's forward and backward twice, for a profiler's counters.
 """
 
