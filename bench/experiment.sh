@@ -67,8 +67,8 @@
 #   bench/experiment.sh sidegrads OUT.jsonl the adapters' weight gradients on a second stream (performance.weight_grad_stream,
 #                                          auto = on in graphed steps) against off: its GPU tests and the 50-step
 #                                          bf16 equality test, SD1.5 batch 16 interleaved twice, batch 1, SDXL batch 4
-#   bench/experiment.sh attnlimit OUT.jsonl what limits cuDNN's attention at 4,096 tokens (bench/attention_limit.py: the
-#                                          per-score and per-product parts), then SD1.5 batch 16 with its head-40 attention
+#   bench/experiment.sh attnlimit OUT.jsonl what limits cuDNN's attention at 4,096 tokens (bench/attention_limit.py: its
+#                                          time by head count and size), then SD1.5 batch 16 with its head-40 attention
 #                                          zero-padded to 48 (ours.py --pad-attention 40:48) against the plain step, twice
 #   bench/experiment.sh attnpipes OUT      Nsight Compute's pipe counters of cuDNN's attention kernels (forward, backward) at
 #                                          batch 16, 4,096 tokens, 8 heads of 40, 16 and 64 (beside OUT: -pipes-8x40.csv ...)
